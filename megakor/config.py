@@ -1,0 +1,332 @@
+"""One typed run configuration: dataclass sections loaded from YAML, with `section.key=value` overrides.
+
+    cfg = load_config("configs/runs/cpu_default.yaml", ["train.steps=20", "data.sources=[{path: x, weight: 1}]"])
+
+Override values are parsed as YAML, so numbers, booleans, lists and mappings work on any command line.
+Unknown keys and wrong types are errors naming the key and the nearest valid one. Cross-field rules
+(parallel layout, batch arithmetic) are checked in `validate` before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message is one sentence naming the fix."""
+
+
+@dataclass
+class ModelConfig:
+    init_from: str = "debug"
+    """HF checkpoint directory, a .gguf file, or a size preset name (megakor.model.args.PRESETS)."""
+    attention: str = "auto"
+    """Attention backend: auto (flash-attn varlen on CUDA when installed, else SDPA), flash, sdpa."""
+    dtype: str = "auto"
+    """Training dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the LM-head + cross-entropy (bounds logits memory to chunk × vocab/TP)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None
+    """Tokenizer directory; None = the tokenizer files inside model.init_from."""
+    new_embedding_init: str = "subword"
+    """How rows for tokens the base model lacks are initialised: subword (mean of the base tokenizer's
+    decomposition rows), mean (mean of all rows) or random."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[dict] = field(default_factory=list)
+    """Training mixture: a list of {path, weight[, name, text_field, ...cleaning options]}; path is a
+    preprocessed prefix or raw files (preprocessed into cache_dir on first use)."""
+    eval: list[dict] = field(default_factory=list)
+    """Held-out evaluation sources, same entries as `sources` (weight unused); each is reported by name."""
+    cache_dir: str = "cache/data"
+    """Where raw sources are preprocessed to, once, shared by all ranks."""
+    workers: int = 2
+    """Tokenizer worker processes for preprocessing."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (must divide attention heads and KV heads)."""
+    pipeline: int = 1
+    """Pipeline stages (> 1 selects DeepSpeed pipeline mode with ZeRO 0 or 1)."""
+    zero_stage: int = 3
+    """ZeRO stage: 3 for the DP × TP mode; 0 or 1 with pipeline parallelism."""
+    offload_optimizer: bool = False
+    """ZeRO-3: keep optimizer states in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters in CPU memory between uses."""
+    pipeline_partition: str = "parameters"
+    """How layers are spread over pipeline stages: parameters or uniform (layers)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to run."""
+    seq_len: int = 2048
+    """Tokens per sequence."""
+    micro_batch: int = 1
+    """Sequences per rank per forward pass."""
+    global_batch: int = 8
+    """Sequences per optimizer step (= micro_batch × grad accumulation × data-parallel size)."""
+    seed: int = 1234
+    """Seed for initialisation, data order and dropout-free RNG state."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+    eval_every: int = 0
+    """Evaluate on data.eval every this many steps (0 = only at the end)."""
+    eval_batches: int = 8
+    """Micro-batches per evaluation source (0 = the whole split)."""
+    freeze: str = "none"
+    """What does not train: none, or new_embeddings_only (only rows of tokens added by vocabulary
+    extension train; every other parameter receives zero update)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of decay."""
+    schedule: str = "cosine"
+    """cosine, wsd (warmup-stable-decay) or constant."""
+    warmup_steps: int = 100
+    """Linear warmup from zero (re-warming matters in continued pretraining)."""
+    decay_steps: int = 0
+    """wsd: length of the final decay phase in steps (0 = 20% of train.steps)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms and biases)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    """Where DeepSpeed checkpoints and training state go; training resumes from its latest."""
+    every: int = 0
+    """Save every this many steps (0 = only at the end)."""
+    keep: int = 2
+    """Checkpoints kept; older ones are removed after a new one is published."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: str = "runs/default/tensorboard"
+    """TensorBoard event directory (empty string disables)."""
+    log_every: int = 1
+    """Console/TensorBoard logging interval in steps."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str | None = None
+    """A DeepSpeed JSON whose fields override the generated ones (conflicts with our config are reported)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("model", "attention"): ("auto", "flash", "sdpa"),
+    ("model", "dtype"): ("auto", "bf16", "fp32"),
+    ("tokenizer", "new_embedding_init"): ("subword", "mean", "random"),
+    ("parallel", "pipeline_partition"): ("parameters", "uniform"),
+    ("optim", "schedule"): ("cosine", "wsd", "constant"),
+    ("train", "freeze"): ("none", "new_embeddings_only"),
+}
+
+
+def _nearest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return close[0] if close else ""
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """`value` converted to `tp` where lossless (int → float), else a ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}; write it as [a, b] in YAML")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}; write it as {{key: value}} in YAML")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            hint = _nearest(key, names)
+            raise ConfigError(f"unknown config key '{where}{key}'; did you mean '{where}{hint}'?")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}{key}' is a section; give it as a mapping of keys")
+            kwargs[key] = _build(tp, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _check_type(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["train.steps=20", "optim.betas=[0.9, 0.99]"]` → nested dict, values parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({e.problem}); quote it") from None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key inside '{part}', which is a value, not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (or defaults) plus dotted overrides, validated."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see configs/runs/)")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (model:, train:, ...)")
+    values = _merge(values, parse_overrides(overrides or []))
+    cfg = _build(Config, values, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Rules that span fields; with `world_size`, also the parallel layout and batch arithmetic."""
+    for (section, key), options in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            raise ConfigError(f"{section}.{key}={value!r} is not valid; use one of {', '.join(options)}")
+    for section, key in (("train", "steps"), ("train", "seq_len"), ("train", "micro_batch"),
+                         ("train", "global_batch"), ("parallel", "tensor"), ("parallel", "pipeline"),
+                         ("model", "loss_chunk_tokens")):
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"{section}.{key} must be at least 1")
+    p = cfg.parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if p.pipeline > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pipeline={p.pipeline} "
+            "(DeepSpeed supports only ZeRO 0/1 with pipeline parallelism); set parallel.zero_stage=1 or parallel.pipeline=1"
+        )
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    if world_size is not None:
+        model_parallel = p.tensor * p.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"{world_size} processes cannot be split into parallel.tensor={p.tensor} × parallel.pipeline={p.pipeline}; "
+                f"use a world size that is a multiple of {model_parallel}"
+            )
+        dp = world_size // model_parallel
+        t = cfg.train
+        if t.global_batch % (t.micro_batch * dp):
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} × "
+                f"data-parallel size {dp}; use a multiple of {t.micro_batch * dp}"
+            )
+
+
+def validate_model_layout(cfg: Config, num_heads: int, num_kv_heads: int, num_layers: int) -> None:
+    """Parallel rules that need the model's shape (read from config.json before any weights)."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    for what, n in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
+        if n % tp:
+            ok = [d for d in range(1, n + 1) if n % d == 0 and num_heads % d == 0 and num_kv_heads % d == 0]
+            raise ConfigError(
+                f"parallel.tensor={tp} does not divide {what}={n}; use {', '.join(map(str, ok))}"
+            )
+    if pp > num_layers:
+        raise ConfigError(f"parallel.pipeline={pp} exceeds the model's {num_layers} layers; use at most {num_layers}")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,152 @@
+"""Rotary position embeddings (plain, linear, dynamic-NTK, llama3) and the attention backends.
+
+Packed sequences: `position_ids` restart at 0 at every document start, and that is all the model needs
+to know about documents. From it we derive `cu_seqlens` for FlashAttention's varlen kernel, or a
+block-diagonal causal mask for PyTorch SDPA, so no token ever attends across a document boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megakor.model.args import ModelArgs
+
+log = logging.getLogger(__name__)
+
+try:  # the `gpu` extra; only used on CUDA tensors
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001 - a missing or broken build both mean "not available"
+    flash_attn_varlen_func = None
+
+
+# ---- RoPE -----------------------------------------------------------------------------------------
+
+def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] in fp32, as transformers computes them for each rope_type."""
+    dim = args.head_dim
+    base = args.rope_theta
+    s = args.rope_scaling or {}
+    kind = args.rope_type
+    if kind == "dynamic":
+        # NTK-aware: the base grows once the sequence exceeds the trained context.
+        n = max(seq_len or 0, args.max_position_embeddings)
+        factor = s["factor"]
+        base = base * ((factor * n / args.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / high) * ~(wavelen > old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [B, T, head_dim] in `dtype`, computed in fp32."""
+        inv_freq = self.inv_freq
+        if self.args.rope_type == "dynamic":
+            longest = int(position_ids.max()) + 1
+            if longest > self.args.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.args, longest).to(position_ids.device)
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = position_ids.float().unsqueeze(-1) * inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative document lengths over the flattened batch (int32, as varlen kernels want) and the
+    longest document. Every row start is a boundary even if its position is not 0."""
+    starts = position_ids == 0
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
+    total = position_ids.numel()
+    cu = torch.cat([idx, idx.new_tensor([total])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, max_len
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    starts = position_ids == 0
+    starts[:, 0] = True
+    return starts.long().cumsum(dim=1)
+
+
+def packed_causal_mask(position_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask, True where attention is allowed: causal and inside one document."""
+    T = position_ids.shape[1]
+    doc = document_ids(position_ids)
+    i = torch.arange(T, device=position_ids.device)
+    allowed = (i[None, :, None] >= i[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+    if sliding_window is not None:
+        allowed &= (i[None, :, None] - i[None, None, :]) < sliding_window
+    return allowed.unsqueeze(1)
+
+
+def is_packed(position_ids: torch.Tensor) -> bool:
+    """True when some row holds more than one document (a position 0 after the row start)."""
+    return bool((position_ids[:, 1:] == 0).any())
+
+
+_logged_backend: set[str] = set()
+
+
+def choose_backend(requested: str, q: torch.Tensor) -> str:
+    if requested == "auto":
+        backend = "flash" if (flash_attn_varlen_func is not None and q.is_cuda) else "sdpa"
+    elif requested == "flash" and (flash_attn_varlen_func is None or not q.is_cuda):
+        raise RuntimeError(
+            "model.attention=flash needs the flash-attn package and CUDA tensors; install the `gpu` extra "
+            "or set model.attention=auto"
+        )
+    elif requested in ("flash", "sdpa"):
+        backend = requested
+    else:
+        raise ValueError(f"model.attention={requested!r} is not a backend; use auto, flash or sdpa")
+    if backend not in _logged_backend:
+        _logged_backend.add(backend)
+        log.info("attention backend: %s", backend)
+    return backend
+
+
+def attention(q, k, v, position_ids, sliding_window=None, backend: str = "auto"):
+    """Causal grouped-query attention over packed documents.
+
+    q: [B, T, H, D]; k, v: [B, T, Hkv, D]; position_ids: [B, T]. Returns [B, T, H, D].
+    """
+    B, T, H, D = q.shape
+    if choose_backend(backend, q) == "flash":
+        cu, max_len = cu_seqlens_from_positions(position_ids)
+        window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+        out = flash_attn_varlen_func(
+            q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+            cu, cu, max_len, max_len, causal=True, window_size=window,
+        )
+        return out.view(B, T, H, D)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+    gqa = q.shape[1] != k.shape[1]
+    if is_packed(position_ids) or (sliding_window is not None and T > sliding_window):
+        mask = packed_causal_mask(position_ids, sliding_window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return out.transpose(1, 2)
