@@ -32,8 +32,9 @@ class ModelConfig:
     """Attention backend: auto (flash-attn varlen on CUDA when installed, else SDPA), flash, sdpa."""
     dtype: str = "auto"
     """Training dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32."""
-    loss_chunk_tokens: int = 4096
-    """Tokens per chunk of the LM-head + cross-entropy (bounds logits memory to chunk × vocab/TP)."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the LM-head + cross-entropy: fp32 logits memory is chunk × vocab/TP × 4 bytes
+    (1024 × 128,256 → 0.5 GB), whatever the batch."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
 

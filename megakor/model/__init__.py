@@ -33,7 +33,7 @@ def open_checkpoint(init_from: str):
     )
 
 
-def build_model(init_from: str, tp_group=None, attention: str = "auto", loss_chunk_tokens: int = 4096,
+def build_model(init_from: str, tp_group=None, attention: str = "auto", loss_chunk_tokens: int = 1024,
                 activation_checkpointing: bool = False, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", seed: int = 0):
     """(model, checkpoint-or-None): weights read as this TP rank's slices, or random init for a preset."""

@@ -153,7 +153,7 @@ def _chunk_stats(h, weight, labels, vocab_start, vocab_size, group):
         logits[:, max(real, 0):] = float("-inf")
     local_max = logits.max(dim=-1).values
     global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
-    sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(-1)
+    sum_exp = (logits - global_max.unsqueeze(-1)).exp_().sum(-1)
     sum_exp = _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
     lse = global_max + torch.log(sum_exp)
     local_target = labels - vocab_start
@@ -188,7 +188,7 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
             total += ((lse - target_logit) * m).sum()
             if needs_grad:
                 # d loss / d logits = softmax - onehot, zero on ignored tokens.
-                g = torch.exp(logits - lse.unsqueeze(-1))
+                g = logits.sub_(lse.unsqueeze(-1)).exp_()  # in place: one chunk of logits alive at a time
                 g.scatter_add_(1, safe.unsqueeze(1), -(here & m).to(g.dtype).unsqueeze(1))
                 g *= m.unsqueeze(1)
                 g = g.to(hidden.dtype)
@@ -202,12 +202,15 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_hidden, grad_weight = ctx.saved_tensors
+        # Scale in place: a second weight-sized buffer is exactly what this function exists to avoid.
+        grad_hidden.mul_(grad_out)
+        grad_weight.mul_(grad_out)
         # Each TP rank holds a partial d/d hidden (its vocabulary slice): sum them.
-        grad_hidden = _all_reduce(grad_hidden * grad_out, dist.ReduceOp.SUM, ctx.group)
-        return grad_hidden, grad_weight * grad_out, None, None, None, None, None
+        grad_hidden = _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def lm_head_cross_entropy(hidden, weight, labels, vocab_size: int, chunk_tokens: int = 4096, tp_group=None,
+def lm_head_cross_entropy(hidden, weight, labels, vocab_size: int, chunk_tokens: int = 1024, tp_group=None,
                           reduction: str = "sum"):
     """Cross-entropy of the LM head without materialising [tokens, vocab] logits.
 

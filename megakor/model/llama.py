@@ -93,7 +93,7 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
 
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs, tp_group=None, attention_backend: str = "auto",
-                 loss_chunk_tokens: int = 4096, activation_checkpointing: bool = False):
+                 loss_chunk_tokens: int = 1024, activation_checkpointing: bool = False):
         super().__init__()
         rank, tp = tp_world(tp_group)
         if args.num_heads % tp or args.num_kv_heads % tp:

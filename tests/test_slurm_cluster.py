@@ -1,0 +1,148 @@
+"""End-to-end tests of slurm/pretrain.sh on a real (one-node) Slurm cluster.
+
+Bring the cluster up first with `bash .ci/slurm_up.sh` (root, Debian); without it these
+tests skip. The real trainer is replaced by a stand-in via MEGAKOR_TRAIN_CMD.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = "slurm/pretrain.sh"
+REQUEUE_EXIT = 42  # slurm/pretrain.sh default for MEGAKOR_REQUEUE_EXIT
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "Slurm client tools not installed (run `bash .ci/slurm_up.sh`)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld not answering (run `bash .ci/slurm_up.sh`)"
+    if out.returncode != 0:
+        return f"sinfo failed, cluster not up (run `bash .ci/slurm_up.sh`): {out.stderr.strip()}"
+    states = out.stdout.split()
+    if not any(s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states):
+        return f"no usable Slurm node (states: {states})"
+    return None
+
+
+_problem = _cluster_problem()
+pytestmark = pytest.mark.skipif(_problem is not None, reason=_problem or "")
+
+# Stand-in trainer (Python, like launch/train.py). First run (SLURM_RESTART_COUNT unset/0):
+# say "ready", then block until USR1, "save" and exit with the requeue code. Later runs:
+# print and exit 0.
+STANDIN = r"""exec python3 -c '
+import os, signal, sys, time
+e = os.environ
+rank, restart = e["RANK"], int(e.get("SLURM_RESTART_COUNT") or 0)
+print("STANDIN rank=%s local_rank=%s world_size=%s master=%s:%s ds=%s restart=%d args=%s" % (
+    rank, e["LOCAL_RANK"], e["WORLD_SIZE"], e["MASTER_ADDR"], e["MASTER_PORT"],
+    e.get("DS_ACCELERATOR", ""), restart, " ".join(sys.argv[1:])), flush=True)
+if e.get("STANDIN_WAIT_USR1") and restart == 0:
+    def on_usr1(*_):
+        print("STANDIN rank=%s got USR1, saving" % rank, flush=True)
+        sys.exit(int(e["MEGAKOR_REQUEUE_EXIT"]))
+    signal.signal(signal.SIGUSR1, on_usr1)
+    print("STANDIN rank=%s ready" % rank, flush=True)
+    while True:
+        time.sleep(0.1)
+print("STANDIN rank=%s done restart=%d" % (rank, restart), flush=True)
+' "$@"
+"""
+
+
+def _sbatch_args(out: Path, *extra: str) -> list[str]:
+    # CI node has 2 CPUs and no GPU: override the 8-tasks x 8-CPUs header defaults.
+    return ["sbatch", "--job-name=megakor-test", "--ntasks-per-node=2", "--cpus-per-task=1",
+            "--time=3", f"--output={out}", *extra, SCRIPT]
+
+
+def _env(**kw: str) -> dict[str, str]:
+    env = {**os.environ, "MEGAKOR_TRAIN_CMD": STANDIN, **kw}
+    for k in ("SLURM_JOB_ID", "SLURM_JOBID", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # don't leak an enclosing job's rendezvous into the test job
+    return env
+
+
+def _job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                         timeout=15).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _first_node() -> str:
+    nodes = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                          text=True).stdout.split()[0]
+
+
+def test_pretrain_sets_per_rank_env(tmp_path):
+    out = tmp_path / "job-%j.out"
+    proc = subprocess.run(
+        [*_sbatch_args(out, "--wait", "--parsable"), "configs/runs/tiny.yaml", "train.lr=1e-4"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    job_id = proc.stdout.strip().split(";")[0]
+    log = (tmp_path / f"job-{job_id}.out").read_text() if job_id else ""
+    assert proc.returncode == 0, f"sbatch rc={proc.returncode}\n{proc.stderr}\n{log}"
+
+    lines = {int(m["rank"]): m for m in re.finditer(
+        r"STANDIN rank=(?P<rank>\d+) local_rank=(?P<local>\d+) world_size=(?P<ws>\d+) "
+        r"master=(?P<addr>[^:\s]+):(?P<port>\d+) ds=(?P<ds>\S*) restart=\d+ args=(?P<args>.*)", log)}
+    assert sorted(lines) == [0, 1], log
+    master = _first_node()
+    for rank, m in lines.items():
+        assert m["local"] == str(rank)  # one node: LOCAL_RANK == RANK
+        assert m["ws"] == "2"
+        assert m["addr"] == master
+        assert 10000 <= int(m["port"]) < 30000
+        assert m["ds"] == "cpu"  # CI node has no GPU
+        assert m["args"] == "--config configs/runs/tiny.yaml train.lr=1e-4"
+    assert lines[0]["port"] == lines[1]["port"]
+    assert "training step exited with 0" in log
+
+
+def test_pretrain_requeues_on_usr1(tmp_path):
+    out = tmp_path / "job-%j.out"
+    proc = subprocess.run([*_sbatch_args(out, "--parsable"), "configs/runs/tiny.yaml"], cwd=REPO,
+                          env=_env(STANDIN_WAIT_USR1="1"), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    log_path = tmp_path / f"job-{job_id}.out"
+    log = lambda: log_path.read_text() if log_path.exists() else ""  # noqa: E731
+    try:
+        deadline = time.monotonic() + 30
+        # Wait until both ranks have installed their USR1 handler.
+        while len(re.findall(r"^STANDIN rank=\d+ ready$", log(), re.M)) < 2:
+            assert time.monotonic() < deadline, f"stand-in never got ready\n{log()}\n{_job_info(job_id)}"
+            time.sleep(0.2)
+        # What --signal=B:USR1@180 does before the time limit: signal the batch shell only.
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=15)
+
+        deadline = time.monotonic() + 50  # requeued job waits cred_expire (10 s in CI conf)
+        while (info := _job_info(job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED",
+                                                                 "TIMEOUT", "NODE_FAIL"):
+            assert time.monotonic() < deadline, f"job did not finish\n{log()}\n{info}"
+            time.sleep(0.5)
+    finally:
+        if _job_info(job_id).get("JobState") not in ("COMPLETED", None):
+            subprocess.run(["scancel", job_id], timeout=15)
+
+    text = log()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
+    assert info["Restarts"] == "1", f"{info}\n{text}"
+    saved = re.findall(r"^STANDIN rank=\d+ got USR1, saving$", text, re.M)
+    assert len(saved) == 2, text  # both ranks saved in run 1
+    assert f"trainer asked for requeue (exit {REQUEUE_EXIT})" in text, text
+    assert re.search(r"job \d+ restart 0 ", text) and re.search(r"job \d+ restart 1 ", text), text
+    for rank in (0, 1):
+        assert f"STANDIN rank={rank} done restart=1" in text, text
