@@ -46,6 +46,28 @@ def _num_warps(block: int) -> int:
     return 4
 
 
+# The kernels call only Triton builtins (`tl.reduce`, `tl.exp`, `tl.full`), not `tl.sum`, `tl.sigmoid`
+# or `tl.zeros`: those are themselves @triton.jit functions, compiled or interpreted as decided when
+# `triton` was first imported. Built from builtins, our kernels run in the interpreter whenever *this*
+# module was imported under TRITON_INTERPRET=1, even if something imported triton earlier (pytest
+# imports every test module before running any). The generated code is the same as tl.sum's and
+# tl.sigmoid's.
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _row_sum(x):
+    return tl.reduce(x, 0, _add)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
 # ---- RMSNorm --------------------------------------------------------------------------------------
 
 @triton.jit
@@ -57,7 +79,7 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, out_ptr, rstd_ptr, x_row_stride, out_row_
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     # Masked lanes load 0, so they add nothing to the sum of squares; divide by the true width.
-    mean_sq = tl.sum(x * x, axis=0) / n_cols
+    mean_sq = _row_sum(x * x) / n_cols
     rstd = 1.0 / tl.sqrt(mean_sq + eps)
     tl.store(rstd_ptr + row, rstd)
     # Round the normalised row to x's dtype first (the reference's `h.to(dtype)`), then multiply by the
@@ -78,7 +100,7 @@ def _rms_norm_bwd_kernel(dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_pt
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    dw_acc = tl.full([BLOCK], 0.0, tl.float32)
     # int64 bounds make the loop variable int64, so row offsets cannot overflow.
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
@@ -92,7 +114,7 @@ def _rms_norm_bwd_kernel(dout_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_pt
         dw_acc += dout * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32)
         # d x_hat = dout * w;  dx = rstd * (d x_hat - x_hat * mean(d x_hat * x_hat)).
         g = dout * w
-        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+        dx = rstd * (g - x_hat * (_row_sum(g * x_hat) / n_cols))
         tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
 
@@ -166,7 +188,7 @@ def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n_elements, BLOCK: tl.constexp
     mask = offs < n_elements
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = g * tl.sigmoid(g) * u
+    out = g * _sigmoid(g) * u
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -178,7 +200,7 @@ def _swiglu_bwd_kernel(dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_element
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
+    sig = _sigmoid(g)
     silu = g * sig
     # d silu(g) / dg = sig + g * sig * (1 - sig) = sig * (1 + g * (1 - sig))
     dgate = dout * u * sig * (1.0 + g * (1.0 - sig))
