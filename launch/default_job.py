@@ -1,0 +1,28 @@
+"""The default job on the real SmolLM2-135M checkpoint, on CPU (see megakor/default_job.py).
+
+    python launch/default_job.py                       # everything under runs/default/
+    python launch/default_job.py --new-tokens 8000 --out runs/try2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from megakor.default_job import DefaultJob, run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(DefaultJob):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else str, default=f.default)
+    ns = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run(DefaultJob(**vars(ns)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
