@@ -50,7 +50,7 @@ def reference_loss(model_dir, texts, seq_len):
     return nll / n, n, nll
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "tied"])
+@pytest.mark.parametrize("family", ["llama3", "llama2", "mistral", "qwen2", "tied"])
 def test_evaluate_cli_loss_equals_transformers(tmp_path, hf_checkpoints, family):
     data = _write_jsonl(tmp_path / "d.jsonl", corrupt=True)
     out = tmp_path / "r.json"

@@ -156,7 +156,8 @@ class Llama(nn.Module):
         return lm_head_cross_entropy(hidden.reshape(-1, D), self.head_weight, labels.reshape(-1),
                                      self.args.vocab_size, self.loss_chunk_tokens, self.tp_group, reduction)
 
-    def forward(self, input_ids, position_ids=None, labels=None):
-        """Logits [B, T, V] without labels; the mean loss over labelled tokens with them."""
+    def forward(self, input_ids, position_ids=None, labels=None, reduction: str = "mean"):
+        """Logits [B, T, V] without labels; with them the loss over labelled tokens, averaged (mean) or
+        summed (sum: the trainer divides by the token count of the whole global batch)."""
         h = self.hidden_states(input_ids, position_ids)
-        return self.logits(h) if labels is None else self.loss(h, labels)
+        return self.logits(h) if labels is None else self.loss(h, labels, reduction)

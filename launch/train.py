@@ -1,0 +1,54 @@
+"""Continued pretraining under DeepSpeed (ZeRO-3 over data × tensor parallelism).
+
+    # one process (CPU or one GPU)
+    python launch/train.py --config configs/runs/tiny_cpu.yaml data.sources="[{path: cache/ko}]"
+    # one node, 8 GPUs, TP=2 × DP=4
+    deepspeed --num_gpus 8 launch/train.py --config configs/runs/llama3_8b.yaml parallel.tensor=2
+    # torchrun / Open MPI work the same way
+    torchrun --nproc-per-node 2 launch/train.py --config configs/runs/tiny_cpu.yaml
+    mpirun -np 2 python launch/train.py --config configs/runs/tiny_cpu.yaml
+    # Slurm: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]
+
+Any config field can be overridden as section.key=value (values are YAML). Training resumes from
+checkpoint.dir/latest when it exists. On a machine without a GPU, set DS_ACCELERATOR=cpu.
+Exit status 2 means a configuration mistake, reported in one sentence before any process started talking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from megakor.config import ConfigError, load_config  # noqa: E402
+from megakor.parallel import shutdown_distributed  # noqa: E402
+from megakor.train.loop import setup_logging, train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="run config YAML (see configs/runs/)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=20")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    setup_logging()
+    try:
+        train(load_config(args.config, args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

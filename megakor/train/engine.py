@@ -1,0 +1,313 @@
+"""The DeepSpeed engine for the DP × TP (ZeRO) mode: its JSON from our config, the model built
+partitioned, HF weights streamed in one parameter at a time, and the AdamW parameter groups.
+
+DeepSpeed JSON: every field that follows from our config (batch sizes, ZeRO stage, offload, dtype,
+clipping, AdamW hyper-parameters) is generated here. `deepspeed.config=FILE` may add any other field
+(bucket sizes, prefetching, comms logging, ...); a field the file sets to a value different from the
+generated one is an error naming both values, because silently preferring either hides a mistake.
+
+Model construction under ZeRO-3: `deepspeed.zero.Init` partitions each parameter over the
+data-parallel group the moment it is created, so no rank ever holds the model. Weights then come in
+parameter by parameter: `GatheredParameters(p, modifier_rank=0)` materialises one parameter (this TP
+rank's slice), data-parallel rank 0 fills it from the checkpoint, and leaving the context broadcasts
+and re-partitions it. Only data-parallel rank 0 of each TP rank reads the checkpoint: its TP slices
+(safetensors lazy slicing), one layer at a time.
+
+Tensor-parallel parameters carry `tensor_model_parallel = True`, the attribute DeepSpeed's
+`is_model_parallel_parameter` checks: ZeRO-3's global gradient norm sums TP-split parameters over the
+model-parallel (TP) group and counts replicated ones (norms, row-parallel biases) on TP rank 0 only,
+so they are not counted TP times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import zlib
+from pathlib import Path
+
+import torch
+
+from megakor.checkpoint.hf import HFCheckpoint, key_map, layer_index, load_state_dict, tp_split_kind
+from megakor.config import Config, ConfigError
+from megakor.model.args import PRESETS, ModelArgs, from_hf_config, preset, to_hf_config
+from megakor.model.attention import rope_inv_freq
+from megakor.model.llama import Llama
+
+# ---- dtype and model shape (both known before any process group) --------------------------------
+
+
+def train_dtype(cfg: Config, device_type: str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU, unless model.dtype says otherwise."""
+    if cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_args(init_from: str) -> ModelArgs:
+    """The architecture of `model.init_from`, read from config.json / GGUF metadata, without weights."""
+    if init_from in PRESETS:
+        return preset(init_from)
+    p = Path(init_from)
+    if p.suffix == ".gguf" and p.is_file():
+        import gguf
+
+        from megakor.checkpoint.gguf import config_from_metadata, read_metadata
+
+        reader = gguf.GGUFReader(p)
+        shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+        return from_hf_config(config_from_metadata(read_metadata(reader), shapes, p))
+    if p.is_dir() and (p / "config.json").is_file():
+        return from_hf_config(json.loads((p / "config.json").read_text()))
+    raise ConfigError(
+        f"model.init_from={init_from!r} is neither an HF checkpoint directory (with config.json), a .gguf file, "
+        f"nor a preset; use one of those ({', '.join(PRESETS)})")
+
+
+# ---- the DeepSpeed JSON --------------------------------------------------------------------------
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+    d[last] = value
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def deepspeed_config(cfg: Config, dp: int, device_type: str) -> dict:
+    """The DeepSpeed JSON for this run and data-parallel size, with `deepspeed.config` merged in."""
+    t, p, o = cfg.train, cfg.parallel, cfg.optim
+    gas = t.global_batch // (t.micro_batch * dp)
+    bf16 = train_dtype(cfg, device_type) == torch.bfloat16
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params needs parameter partitioning; set parallel.zero_stage=3 "
+                          f"(it is {p.zero_stage}) or parallel.offload_params=false")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs ZeRO; set parallel.zero_stage to 1, 2 or 3 "
+                          "or parallel.offload_optimizer=false")
+    # Fields derived from our config, with the config key that decides each (named in conflicts).
+    derived = {
+        "train_batch_size": (t.global_batch, f"train.global_batch={t.global_batch}"),
+        "train_micro_batch_size_per_gpu": (t.micro_batch, f"train.micro_batch={t.micro_batch}"),
+        "gradient_accumulation_steps": (gas, f"train.global_batch / (train.micro_batch × data-parallel size {dp}) = {gas}"),
+        "gradient_clipping": (t.grad_clip, f"train.grad_clip={t.grad_clip}"),
+        "zero_optimization.stage": (p.zero_stage, f"parallel.zero_stage={p.zero_stage}"),
+        "bf16.enabled": (bf16, f"model.dtype={cfg.model.dtype} on {device_type}"),
+        "fp16.enabled": (False, "megakor, which trains in bf16 or fp32 (no loss scaling)"),
+        "optimizer.type": ("AdamW", "megakor, which trains with AdamW"),
+        "optimizer.params.lr": (o.lr, f"optim.lr={o.lr}"),
+        "optimizer.params.betas": (list(o.betas), f"optim.betas={list(o.betas)}"),
+        "optimizer.params.eps": (o.eps, f"optim.eps={o.eps}"),
+        "optimizer.params.weight_decay": (o.weight_decay, f"optim.weight_decay={o.weight_decay}"),
+    }
+    if p.offload_optimizer:
+        derived["zero_optimization.offload_optimizer.device"] = ("cpu", "parallel.offload_optimizer=true")
+    if p.offload_params:
+        derived["zero_optimization.offload_param.device"] = ("cpu", "parallel.offload_params=true")
+    ds: dict = {
+        "steps_per_print": 2**31 - 1,  # megakor logs; DeepSpeed's own step lines would duplicate them
+        "wall_clock_breakdown": False,
+        # On CPU the AdamW step is torch's (DeepSpeed's fused/CPU Adam are C++/CUDA extensions that
+        # would be compiled at start-up); on GPU DeepSpeed picks FusedAdam, or CPUAdam when offloading.
+        "optimizer": {"params": {"torch_adam": device_type != "cuda"}},
+        "zero_optimization": {},
+    }
+    if p.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"pin_memory": device_type == "cuda"}
+    if p.offload_params:
+        ds["zero_optimization"]["offload_param"] = {"pin_memory": device_type == "cuda"}
+    for key, (value, _) in derived.items():
+        _set(ds, key, value)
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config={path} does not exist; pass an existing DeepSpeed JSON file "
+                              "or leave it unset")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config={path} is not valid JSON ({e.msg} at line {e.lineno}); "
+                              "fix the file") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.config={path} must hold a JSON object of DeepSpeed fields")
+        if "scheduler" in user:
+            raise ConfigError(f"deepspeed.config={path} defines a scheduler; megakor sets the learning rate from "
+                              "optim.schedule, so remove 'scheduler' from the file")
+        for key in derived:  # a section the file replaces by a scalar would drop our fields
+            section = key.split(".")[0]
+            if section in user and not isinstance(user[section], dict) and "." in key:
+                raise ConfigError(f"deepspeed.config={path} sets '{section}' to {user[section]!r}; it must be an object")
+        for key, value in _leaves(user):
+            if key in derived and value != "auto" and value != derived[key][0]:
+                ours, source = derived[key]
+                raise ConfigError(f"deepspeed.config={path} sets {key}={value!r} but {source} gives {ours!r}; "
+                                  f"remove {key} from the file or change the megakor setting")
+            if key not in derived:
+                _set(ds, key, value)
+    return ds
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+
+class RandomInit(HFCheckpoint):
+    """A preset's random initialisation served as if it were an HF checkpoint: each tensor is drawn
+    whole from a generator seeded by (seed, tensor name) and then sliced, so every TP layout starts
+    from the same weights. Matrices N(0, initializer_range), norms one, biases zero."""
+
+    def __init__(self, args: ModelArgs, seed: int):
+        self.path, self.args, self.seed = None, args, seed
+        self.hf_config = to_hf_config(args)
+        self._memory, self._open = None, {}
+        self._shapes = self._hf_shapes(args)
+        self._files = {k: "<random>" for k in self._shapes}
+
+    @staticmethod
+    def _hf_shapes(args: ModelArgs) -> dict[str, list[int]]:
+        d, hd, f = args.hidden_size, args.head_dim, args.intermediate_size
+        by_suffix = {
+            "tok_embeddings.weight": [args.vocab_size, d], "lm_head.weight": [args.vocab_size, d], "norm.weight": [d],
+            "q_proj.weight": [args.num_heads * hd, d], "k_proj.weight": [args.num_kv_heads * hd, d],
+            "v_proj.weight": [args.num_kv_heads * hd, d], "o_proj.weight": [d, args.num_heads * hd],
+            "q_proj.bias": [args.num_heads * hd], "k_proj.bias": [args.num_kv_heads * hd],
+            "v_proj.bias": [args.num_kv_heads * hd], "o_proj.bias": [d],
+            "gate_proj.weight": [f, d], "up_proj.weight": [f, d], "down_proj.weight": [d, f],
+            "gate_proj.bias": [f], "up_proj.bias": [f], "down_proj.bias": [d],
+        }
+        out = {}
+        for hf, mk in key_map(args).items():
+            out[hf] = next(shape for suffix, shape in by_suffix.items() if mk.endswith(suffix))
+        return out
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._shapes[key])
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        shape = self._shapes[key]
+        if key.endswith("norm.weight"):
+            t = torch.ones(shape)
+        elif key.endswith(".bias"):
+            t = torch.zeros(shape)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+            t = torch.randn(shape, generator=g) * self.args.initializer_range
+        if dim is None:
+            return t
+        return t.narrow(dim, start, (stop if stop is not None else shape[dim]) - start).clone()
+
+
+def open_weights(init_from: str, seed: int):
+    """The weight source of `model.init_from`: an HFCheckpoint (directory or GGUF) or a RandomInit."""
+    if init_from in PRESETS:
+        return RandomInit(preset(init_from), seed)
+    from megakor.model import open_checkpoint
+
+    return open_checkpoint(init_from)
+
+
+def mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """Tag TP-split parameters for DeepSpeed's gradient norm (see the module docstring)."""
+    for name, p in model.named_parameters():
+        p.tensor_model_parallel = tp_split_kind(name) is not None
+
+
+def load_weights(model: Llama, init_from: str, seed: int, tp_rank: int, tp_size: int, dp_rank: int, zero3: bool) -> None:
+    """Fill `model` from `model.init_from`, one layer's slices read at a time.
+
+    Under ZeRO-3 only data-parallel rank 0 reads; the others take part in each parameter's gather and
+    receive the broadcast. Without ZeRO-3 every rank fills its own (TP-sliced) parameters."""
+    import deepspeed
+
+    reader = dp_rank == 0 or not zero3
+    source = open_weights(init_from, seed) if reader else None
+    params = dict(model.named_parameters())
+    groups: dict[int | None, list[str]] = {}
+    for name in params:  # model order, identical on every rank (gathers are collective)
+        groups.setdefault(layer_index(name), []).append(name)
+    for layer, names in groups.items():
+        tensors = {}
+        if reader:
+            tensors = load_state_dict(source, tp_rank, tp_size, layers=[] if layer is None else [layer],
+                                      include_embedding=layer is None and "tok_embeddings.weight" in names,
+                                      include_norm=layer is None and "norm.weight" in names,
+                                      include_head=layer is None and "lm_head.weight" in names)
+            if sorted(tensors) != sorted(names):
+                differ = sorted(set(tensors) ^ set(names))[:3]
+                raise ValueError(f"checkpoint {init_from} and the model disagree on {differ}; "
+                                 "check that model.init_from matches the model configuration")
+        for name in names:
+            p = params[name]
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                if reader:
+                    if tuple(p.shape) != tuple(tensors[name].shape):
+                        raise ValueError(f"{name}: checkpoint slice {tuple(tensors[name].shape)} does not fit "
+                                         f"parameter {tuple(p.shape)}")
+                    p.copy_(tensors[name])
+
+
+def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: torch.device) -> Llama:
+    """The model for this rank: built partitioned under ZeRO-3, weights from `model.init_from`."""
+    import deepspeed
+
+    args = model_args(cfg.model.init_from)
+    zero3 = cfg.parallel.zero_stage == 3
+    # dtype comes from the JSON's bf16 flag: zero.Init's own `dtype` argument is ignored on accelerators
+    # without fp16 (DeepSpeed 0.19 picks bf16 on CPU whatever is passed).
+    ctx = deepspeed.zero.Init(data_parallel_group=ps.dp_group, config_dict_or_path=ds_config,
+                              mpu=ps) if zero3 else contextlib.nullcontext()
+    with ctx:
+        model = Llama(args, ps.tp_group_or_none(), cfg.model.attention, cfg.model.loss_chunk_tokens,
+                      cfg.model.activation_checkpointing)
+    if not zero3:
+        model = model.to(device=device, dtype=dtype)
+    wrong = {p.dtype for p in model.parameters()} - {dtype}
+    if wrong:
+        raise RuntimeError(f"parameters were built in {sorted(map(str, wrong))} instead of {dtype}; "
+                           "the DeepSpeed version changed how zero.Init picks the dtype")
+    mark_tensor_parallel(model)
+    load_weights(model, cfg.model.init_from, cfg.train.seed, ps.tp_rank, ps.tp, ps.dp_rank, zero3)
+    if zero3:
+        # The LM head (or the tied embedding) is used in the loss, outside its own module's forward:
+        # register it with the top module so ZeRO-3 gathers it for the whole forward and backward.
+        deepspeed.zero.register_external_parameter(model, model.head_weight)
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices and embeddings, none on norms and biases (1-D)."""
+    # Under ZeRO-3 p.ndim is the partitioned placeholder's; ds_shape keeps the real shape.
+    decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, ps, device: torch.device):
+    """(DeepSpeed engine, resolved DeepSpeed JSON, training dtype)."""
+    import deepspeed
+
+    dtype = train_dtype(cfg, device.type)
+    ds_config = deepspeed_config(cfg, ps.dp, device.type)
+    model = build_model(cfg, ps, copy.deepcopy(ds_config), dtype, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                                           config=copy.deepcopy(ds_config), mpu=ps)
+    # RoPE frequencies in fp32 on the device, whatever zero.Init or DeepSpeed's module cast did to buffers.
+    engine.module.rope.inv_freq = rope_inv_freq(model.args).to(device)
+    return engine, ds_config, dtype

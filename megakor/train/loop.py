@@ -1,0 +1,325 @@
+"""The training loop: validate, join the job, build engine and data, resume, train, evaluate, log, save.
+
+Loss normalisation (why every layout trains the same): a step's loss is
+
+    Σ NLL over every labelled token of the global batch  /  number of labelled tokens in the global batch
+
+Packed batches hold different numbers of labelled tokens per micro-batch, so averaging per-micro-batch
+means (or per-rank means) would weight tokens differently under different layouts. Each step therefore
+all-reduces the labelled-token count over data parallelism before any backward, and each micro-batch
+back-propagates its summed NLL × (grad-accumulation × DP) / global tokens: DeepSpeed divides by the
+accumulation steps and ZeRO averages gradients over DP, which leaves exactly d(step loss)/dθ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megakor.config import Config, ConfigError, dump_config, validate, validate_model_layout
+from megakor.parallel import build_parallel_state, init_distributed, launch_world_size
+from megakor.train import checkpointing, metrics
+from megakor.train.schedule import lr_from_config
+
+log = logging.getLogger("megakor.train")
+
+
+# ---- before any process group --------------------------------------------------------------------
+
+def preflight(cfg: Config, world_size: int):
+    """Every check that needs no process group; returns the model's ModelArgs. Raises ConfigError."""
+    from megakor.data.blend import SourceSpec
+    from megakor.data.indexed import IndexedDataset, is_indexed_prefix
+    from megakor.data.sources import expand_inputs
+    from megakor.train.engine import deepspeed_config, model_args
+
+    validate(cfg, world_size)
+    p = cfg.parallel
+    if p.pipeline > 1:
+        raise ConfigError(f"parallel.pipeline={p.pipeline}: the pipeline mode is not built yet; "
+                          "use parallel.pipeline=1 (ZeRO-3 over DP × TP)")
+    if cfg.train.freeze != "none":
+        raise ConfigError(f"train.freeze={cfg.train.freeze} is not supported by the trainer yet; set train.freeze=none")
+    args = model_args(cfg.model.init_from)
+    validate_model_layout(cfg, args.num_heads, args.num_kv_heads, args.num_layers)
+    if cfg.train.seq_len > args.max_position_embeddings and args.rope_type != "dynamic":
+        log.warning("train.seq_len=%d exceeds the model's max_position_embeddings=%d", cfg.train.seq_len,
+                    args.max_position_embeddings)
+    dp = world_size // (p.tensor * p.pipeline)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    deepspeed_config(cfg, dp, device_type)  # conflicts with deepspeed.config are errors now
+    if not cfg.data.sources:
+        raise ConfigError("data.sources is empty; list at least one {path: ..., weight: ...} entry "
+                          "(a preprocessed prefix or raw files)")
+    for section, entries in (("data.sources", cfg.data.sources), ("data.eval", cfg.data.eval)):
+        for entry in entries:
+            try:
+                spec = SourceSpec.from_dict(entry)
+            except ValueError as e:
+                raise ConfigError(f"{section}: {e}") from None
+            prefix = spec.path[:-4] if isinstance(spec.path, str) and spec.path.endswith((".bin", ".idx")) else spec.path
+            if isinstance(prefix, str) and is_indexed_prefix(prefix):
+                vocab = IndexedDataset(prefix).vocab_size
+                if vocab > args.vocab_size:
+                    raise ConfigError(
+                        f"{section} entry {spec.name} was tokenised with a vocabulary of {vocab} tokens but the model "
+                        f"has {args.vocab_size}; preprocess it with the model's tokenizer or resize the embeddings first")
+            else:
+                try:
+                    expand_inputs(spec.path)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"{section} entry {spec.name}: {e}") from None
+                if tokenizer_dir(cfg) is None:
+                    raise ConfigError(f"{section} entry {spec.name} ({spec.path}) is not a preprocessed prefix, and there "
+                                      "is no tokenizer to preprocess it with; set tokenizer.path or preprocess it first")
+    checkpointing.check_resumable(cfg.checkpoint.dir, world_size, p.tensor, p.pipeline)
+    return args
+
+
+def tokenizer_dir(cfg: Config) -> str | None:
+    if cfg.tokenizer.path:
+        return cfg.tokenizer.path
+    p = Path(cfg.model.init_from)
+    return str(p) if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()) else None
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def build_data(cfg: Config, ps):
+    """(training micro-batch iterator for this DP rank, {name: eval PackedSource})."""
+    from megakor.data.blend import BatchIterator, build_datasets
+
+    train_set, eval_sets = build_datasets(cfg.data.sources, cfg.data.eval, tokenizer_dir(cfg), cfg.train.seq_len,
+                                          cfg.train.seed, cfg.data.cache_dir, cfg.data.workers)
+    return BatchIterator(train_set, cfg.train.micro_batch, cfg.train.global_batch, ps.dp_rank, ps.dp), eval_sets
+
+
+@dataclasses.dataclass
+class EvalSplit:
+    name: str
+    rows: np.ndarray  # [R, 3, T]: input_ids, position_ids, labels of packed evaluation chunks
+    characters: int | None  # characters of the evaluated documents (None without a tokenizer)
+    documents: int
+
+
+def eval_split(name: str, source, seq_len: int, max_rows: int, bos_id: int | None, tokenizer) -> EvalSplit:
+    """The evaluation protocol of `megakor.evaluate` applied to an eval split's documents: each document
+    is [BOS] + its tokens, cut into chunks of at most seq_len, every token after a chunk's first is
+    predicted; characters are those of the decoded documents. `max_rows` > 0 keeps only whole leading
+    documents up to about that many packed rows."""
+    from megakor.evaluate import pack_chunks
+
+    docs, eos = source.docs, source.docs.eos_id
+    start = bos_id if bos_id is not None else eos
+    chunks, tokens, characters, n = [], 0, 0, 0
+    for i in range(len(docs)):
+        if max_rows and n and tokens >= max_rows * seq_len:
+            break
+        ids = docs[i].tolist()
+        if ids and ids[-1] == eos:
+            ids = ids[:-1]
+        s = [start] + ids
+        chunks.extend(c for c in (s[j:j + seq_len] for j in range(0, len(s), seq_len)) if len(c) > 1)
+        tokens += len(s)
+        if tokenizer is not None:
+            characters += len(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        n += 1
+    rows = np.asarray(pack_chunks(chunks, seq_len), dtype=np.int64).reshape(-1, 3, seq_len)
+    return EvalSplit(name, rows, characters if tokenizer is not None else None, n)
+
+
+@torch.no_grad()
+def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> dict:
+    """eval/<name>_loss, eval/<name>_bits_per_char and eval/loss over all DP ranks (bits per character
+    where the split's characters are known: on rank 0, which decodes the documents)."""
+    engine.eval()
+    out, total_nll, total_tokens = {}, 0.0, 0
+    for split in splits:
+        mine = split.rows[ps.dp_rank::ps.dp]
+        # Every DP rank runs the same number of forwards: ZeRO-3 gathers parameters collectively.
+        n_batches = math.ceil(math.ceil(len(split.rows) / ps.dp) / micro_batch)
+        acc = torch.zeros(2, dtype=torch.float64, device=device)
+        for b in range(n_batches):
+            rows = mine[b * micro_batch:(b + 1) * micro_batch]
+            if len(rows) == 0:  # this rank ran out: a dummy batch that predicts nothing
+                rows = np.zeros((1, 3, split.rows.shape[-1]), dtype=np.int64)
+                rows[:, 2] = -100
+            ids, pos, labels = (torch.from_numpy(np.ascontiguousarray(rows[:, j])).to(device) for j in range(3))
+            nll = engine(ids, pos, labels, reduction="sum")
+            acc[0] += nll.double()
+            acc[1] += (labels != -100).sum()
+        dist.all_reduce(acc, group=ps.dp_group)
+        nll, tokens = float(acc[0]), int(acc[1])
+        out[f"eval/{split.name}_loss"] = nll / max(tokens, 1)
+        if split.characters:
+            out[f"eval/{split.name}_bits_per_char"] = nll / math.log(2) / split.characters
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+    out["eval/loss"] = total_nll / max(total_tokens, 1)
+    engine.train()
+    return out
+
+
+# ---- logging -------------------------------------------------------------------------------------
+
+class Logger:
+    """Console lines and TensorBoard scalars, rank 0 only. Scalars are written in float64 so logged
+    losses can be compared bit for bit."""
+
+    def __init__(self, cfg: Config, rank: int, start_step: int = 0):
+        self.rank, self.writer = rank, None
+        if rank == 0 and cfg.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run hides what the interrupted one logged after its checkpoint.
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            text = dump_config(cfg)
+            self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step, new_style=True, double_precision=True)
+            self.writer.flush()
+
+    def info(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_step(engine, micro_batches: list[dict], ps, device) -> float:
+    """One optimizer step over this rank's micro-batches; returns the step's loss (module docstring)."""
+    # Collectives on `device`: NCCL reduces only GPU tensors.
+    labelled = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+    counts = torch.tensor([float(labelled)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts, group=ps.dp_group)
+    global_tokens = max(float(counts[0]), 1.0)
+    scale = len(micro_batches) * ps.dp / global_tokens  # undoes DeepSpeed's 1/gas and ZeRO's DP average
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro_batches:
+        nll = engine(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device), reduction="sum")
+        engine.backward(nll * scale)
+        engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+        loss_sum += nll.detach().double()
+    dist.all_reduce(loss_sum, group=ps.dp_group)
+    return float(loss_sum) / global_tokens
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured; returns {"step", "losses": {step: loss}, "eval": {...}}."""
+    from megakor.tokenizer import load_tokenizer
+    from megakor.train.engine import build_engine
+
+    args = preflight(cfg, launch_world_size())
+    rank, world_size, device = init_distributed()
+    ps = build_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
+    seed_everything(cfg.train.seed)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"megakor: {world_size} processes, tp={ps.tp} dp={ps.dp} pp={ps.pp}, ZeRO-{cfg.parallel.zero_stage}, model "
+        f"{cfg.model.init_from} ({args.num_parameters() / 1e6:.1f}M parameters), device {device.type}", flush=True)
+
+    engine, _, dtype = build_engine(cfg, ps, device)
+    batches, eval_sources = build_data(cfg, ps)
+    tok_dir = tokenizer_dir(cfg)
+    tokenizer = load_tokenizer(tok_dir) if tok_dir and eval_sources else None
+    # evaluate.py's start token: the tokenizer's BOS, else its EOS (the same on every rank: rows must agree).
+    bos = args.bos_token_id if tokenizer is None else tokenizer.bos_token_id
+    bos = bos if bos is not None else (tokenizer.eos_token_id if tokenizer is not None else None)
+    # The same documents whatever the layout, so eval figures compare across runs.
+    max_rows = cfg.train.eval_batches * cfg.train.micro_batch
+    splits = [eval_split(name, src, cfg.train.seq_len, max_rows, bos, tokenizer if rank == 0 else None)
+              for name, src in eval_sources.items()]
+
+    step, state = 0, {"consumed_samples": 0, "consumed_tokens": 0, "data": batches.state_dict()}
+    saved = checkpointing.check_resumable(cfg.checkpoint.dir, world_size, ps.tp, ps.pp)
+    if saved is not None:
+        tag = checkpointing.tag_for(saved["step"])
+        state = checkpointing.load_checkpoint(engine, cfg.checkpoint.dir, tag)
+        step = state["step"]
+        batches.load_state_dict(state["data"])
+        say(f"megakor: resumed from {Path(cfg.checkpoint.dir) / tag} at step {step}", flush=True)
+    out = Logger(cfg, rank, step)
+    hf_config = _base_hf_config(cfg, args)
+    flops_token = metrics.flops_per_token(args, cfg.train.seq_len)
+    peak = metrics.device_peak_tflops(device, dtype)
+    step_tokens = cfg.train.global_batch * cfg.train.seq_len
+    losses, last_eval, last_saved = {}, {}, step
+
+    def save(at: int):
+        checkpointing.save_checkpoint(engine, ps, cfg.checkpoint.dir, at, {**state, "config": cfg.to_dict()},
+                                      cfg.checkpoint.keep, args, hf_config, tok_dir)
+        out.info(f"megakor: saved checkpoint {Path(cfg.checkpoint.dir) / checkpointing.tag_for(at)}")
+
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        lr = lr_from_config(cfg, step + 1)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss = train_step(engine, [next(batches) for _ in range(engine.gradient_accumulation_steps())], ps, device)
+        step += 1
+        losses[step] = loss
+        grad_norm = engine.get_global_grad_norm()  # before clipping
+        state.update(consumed_samples=batches.consumed_samples, data=batches.state_dict(),
+                     consumed_tokens=state["consumed_tokens"] + step_tokens)
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+            perf = metrics.throughput(step_tokens, time.perf_counter() - t0, world_size, flops_token, peak)
+            values = {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in perf.items()},
+                      "train/memory_gb": metrics.memory_gb(device)}
+            if grad_norm is not None:
+                values["train/grad_norm"] = float(grad_norm)
+            out.scalars(values, step)
+            out.info(f"step {step}/{cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm or 0):.3f}"
+                     f" | {perf['tokens_per_sec']:.0f} tok/s | {perf['tflops_per_device']:.3f} TFLOP/s/device"
+                     + (f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB")
+        if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
+            last_eval = evaluate(engine, splits, ps, cfg.train.micro_batch, device)
+            out.scalars(last_eval, step)
+            out.info(f"eval {step} | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save(step)
+            last_saved = step
+    if last_saved != step:
+        save(step)
+    out.close()
+    dist.barrier()
+    return {"step": step, "losses": losses, "eval": last_eval}
+
+
+def _base_hf_config(cfg: Config, args) -> dict:
+    """The config.json an export starts from: the source checkpoint's (fields we do not own kept)."""
+    import json
+
+    from megakor.model.args import to_hf_config
+
+    p = Path(cfg.model.init_from)
+    if p.is_dir() and (p / "config.json").is_file():
+        return json.loads((p / "config.json").read_text())
+    return to_hf_config(args)
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    # DeepSpeed 0.19's ZeRO-3 calls a torch collective that torch 2.13 deprecates, once per step.
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)

@@ -1,0 +1,77 @@
+"""Throughput figures: model FLOPs per token, TFLOP/s per device, MFU, memory.
+
+Model FLOPs (PaLM, appendix B; what MFU is defined against, so recomputation from activation
+checkpointing does not count):
+
+    FLOPs per token = 6 · N + 12 · L · H · Q · T
+
+N: parameters that take part in a matrix multiply for every token (every block weight and the LM
+head; the input embedding is a table lookup); 6 = 2 (multiply-add) × 3 (forward, and backward for
+inputs and weights). The second term is attention's QKᵀ and AV over a sequence of T tokens with L
+layers, H query heads of size Q, counted as full attention the way PaLM and Megatron report it.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+
+from megakor.model.args import ModelArgs
+
+# Dense bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets (no sparsity). Matched as
+# substrings of torch.cuda.get_device_name(), first match wins, so more specific names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("MI300X", 1307.0),
+    ("MI250X", 383.0),
+]
+
+
+def matmul_parameters(args: ModelArgs) -> int:
+    """N: per-token matmul parameters (blocks + LM head, not the embedding lookup)."""
+    norms = (2 * args.num_layers + 1) * args.hidden_size
+    return args.num_parameters(include_embedding=False) - norms + args.vocab_size * args.hidden_size
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token, model FLOPs only."""
+    return 6.0 * matmul_parameters(args) + 12.0 * args.num_layers * args.num_heads * args.head_dim * seq_len
+
+
+def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak for `dtype`, or None when unknown (CPU, fp32, an unlisted GPU)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated GPU memory, or the CPU resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def throughput(tokens: int, seconds: float, world_size: int, flops_token: float, peak_tflops: float | None) -> dict:
+    """tokens/s for the whole job, model TFLOP/s per device, and MFU when the peak is known."""
+    tokens_per_sec = tokens / max(seconds, 1e-9)
+    tflops = flops_token * tokens_per_sec / world_size / 1e12
+    out = {"tokens_per_sec": tokens_per_sec, "tflops_per_device": tflops}
+    if peak_tflops:
+        out["mfu"] = tflops / peak_tflops
+    return out
