@@ -42,7 +42,7 @@ def _cases(tmp_path):
         (1, [], "data.sources is empty; list at least one"),
         (1, ["data.sources=[{path: /nonexistent/raw.jsonl}]"], "input /nonexistent/raw.jsonl matches no file or directory"),
         (1, [f"data.sources=[{{path: {ds}}}]"], "is not a preprocessed prefix, and there is no tokenizer"),
-        (1, ["train.freeze=new_embeddings_only"], "train.freeze=new_embeddings_only is not supported by the trainer yet"),
+        (1, ["train.freeze=new_embeddings_only"], "train.freeze=new_embeddings_only needs to know which vocabulary rows are new"),
     ]
 
 

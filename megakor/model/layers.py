@@ -120,16 +120,29 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings = num_embeddings  # padded, whole vocabulary
         self.per_rank = num_embeddings // size
         self.vocab_start = rank * self.per_rank
+        self.first_trainable_row: int | None = None  # see rows_trainable_from
         self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim))
 
     def forward(self, ids):
+        weight = rows_trainable_from(self.weight, self.first_trainable_row, self.vocab_start)
         if self.tp_group is None or dist.get_world_size(self.tp_group) == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, weight)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = F.embedding(local.masked_fill(outside, 0), weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.tp_group)
+
+
+def rows_trainable_from(weight: torch.Tensor, first_row: int | None, row_offset: int = 0) -> torch.Tensor:
+    """`weight` with its rows below global row `first_row` cut off from autograd: they receive exactly
+    zero gradient (stage 1 of vocabulary extension trains only the new tokens' rows). `row_offset` is
+    the global index of this rank's first row (vocab-parallel slices). Masking in the graph, rather
+    than in a gradient hook, holds under ZeRO-3 partitioning, TP and pipeline stages alike."""
+    if first_row is None:
+        return weight
+    k = min(max(first_row - row_offset, 0), weight.shape[0])
+    return weight if k == 0 else torch.cat([weight[:k].detach(), weight[k:]])
 
 
 # ---- LM head + cross-entropy, chunked and vocab-parallel ------------------------------------------

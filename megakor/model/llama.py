@@ -25,6 +25,7 @@ from megakor.model.layers import (
     VocabParallelEmbedding,
     lm_head_cross_entropy,
     padded_vocab_size,
+    rows_trainable_from,
     tp_world,
 )
 
@@ -115,6 +116,16 @@ class Llama(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
 
+    def train_only_vocab_rows_from(self, first_row: int | None) -> None:
+        """Stage 1 of vocabulary extension: embedding and head rows below `first_row` (the base
+        vocabulary) get zero gradient; None trains every row again."""
+        self.tok_embeddings.first_trainable_row = first_row
+
+    def _head(self) -> torch.Tensor:
+        # The head's vocabulary split is the embedding's, tied or not.
+        return rows_trainable_from(self.head_weight, self.tok_embeddings.first_trainable_row,
+                                   self.tok_embeddings.vocab_start)
+
     def init_weights(self, generator: torch.Generator | None = None):
         """Random init for presets: N(0, initializer_range) for matrices, ones for norms, zero biases."""
         std = self.args.initializer_range
@@ -142,7 +153,7 @@ class Llama(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [B, T, vocab_size] (gathered across TP; for inference and tests)."""
-        local = torch.nn.functional.linear(hidden, self.head_weight)
+        local = torch.nn.functional.linear(hidden, self._head())
         _, tp = tp_world(self.tp_group)
         if tp > 1:
             parts = [torch.empty_like(local) for _ in range(tp)]
@@ -153,7 +164,7 @@ class Llama(nn.Module):
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy against pre-shifted labels, chunked so [tokens, vocab] logits never exist."""
         D = hidden.shape[-1]
-        return lm_head_cross_entropy(hidden.reshape(-1, D), self.head_weight, labels.reshape(-1),
+        return lm_head_cross_entropy(hidden.reshape(-1, D), self._head(), labels.reshape(-1),
                                      self.args.vocab_size, self.loss_chunk_tokens, self.tp_group, reduction)
 
     def forward(self, input_ids, position_ids=None, labels=None, reduction: str = "mean"):

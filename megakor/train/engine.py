@@ -22,6 +22,7 @@ so they are not counted TP times.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import json
 import zlib
@@ -213,13 +214,58 @@ class RandomInit(HFCheckpoint):
         return t.narrow(dim, start, (stop if stop is not None else shape[dim]) - start).clone()
 
 
-def open_weights(init_from: str, seed: int):
-    """The weight source of `model.init_from`: an HFCheckpoint (directory or GGUF) or a RandomInit."""
+def open_weights(init_from: str, seed: int, tokenizer_path: str | None = None, init_method: str = "subword"):
+    """The weight source of `model.init_from`: an HFCheckpoint (directory or GGUF) or a RandomInit;
+    grown to `tokenizer_path`'s vocabulary (new rows by `init_method`) when that tokenizer is larger."""
     if init_from in PRESETS:
         return RandomInit(preset(init_from), seed)
     from megakor.model import open_checkpoint
 
-    return open_checkpoint(init_from)
+    source = open_checkpoint(init_from)
+    if tokenizer_path and vocab_of(tokenizer_path) > source.args.vocab_size:
+        from megakor.checkpoint.resize import ResizedCheckpoint
+
+        source = ResizedCheckpoint(source, init_from, tokenizer_path, init_method, seed)
+    return source
+
+
+def vocab_of(tokenizer_path: str) -> int:
+    from megakor.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(tokenizer_path))
+
+
+def resolved_model_args(cfg: Config) -> ModelArgs:
+    """`model_args` with the vocabulary grown to `tokenizer.path` when that tokenizer is larger
+    (a vocabulary-extended tokenizer on a base checkpoint: the rows are added at start-up)."""
+    args = model_args(cfg.model.init_from)
+    if cfg.tokenizer.path and vocab_of(cfg.tokenizer.path) > args.vocab_size:
+        if cfg.model.init_from in PRESETS or not Path(cfg.model.init_from).is_dir():
+            raise ConfigError(
+                f"tokenizer.path={cfg.tokenizer.path} is larger than model.init_from's vocabulary; growing it "
+                "at start-up needs an HF checkpoint directory with its tokenizer (convert a .gguf first)")
+        args = dataclasses.replace(args, vocab_size=vocab_of(cfg.tokenizer.path))
+    return args
+
+
+def first_trainable_row(cfg: Config) -> int | None:
+    """For train.freeze=new_embeddings_only, the first row that trains: the base vocabulary size,
+    from the extended tokenizer's megakor_extension.json or, when rows are grown at start-up, from the
+    checkpoint. None when nothing is frozen."""
+    if cfg.train.freeze == "none":
+        return None
+    from megakor.checkpoint.resize import base_vocab_size
+
+    tok_dir = cfg.tokenizer.path or (cfg.model.init_from if Path(cfg.model.init_from).is_dir() else None)
+    base = base_vocab_size(tok_dir)
+    if base is None and cfg.tokenizer.path and cfg.model.init_from not in PRESETS:
+        original = model_args(cfg.model.init_from).vocab_size
+        base = original if vocab_of(cfg.tokenizer.path) > original else None
+    if base is None:
+        raise ConfigError(
+            "train.freeze=new_embeddings_only needs to know which vocabulary rows are new; extend the tokenizer "
+            "with launch/extend_tokenizer.py (it writes megakor_extension.json) and pass it as tokenizer.path")
+    return base
 
 
 def mark_tensor_parallel(model: torch.nn.Module) -> None:
@@ -228,7 +274,8 @@ def mark_tensor_parallel(model: torch.nn.Module) -> None:
         p.tensor_model_parallel = tp_split_kind(name) is not None
 
 
-def load_weights(model: Llama, init_from: str, seed: int, tp_rank: int, tp_size: int, dp_rank: int, zero3: bool) -> None:
+def load_weights(model: Llama, init_from: str, seed: int, tp_rank: int, tp_size: int, dp_rank: int, zero3: bool,
+                 tokenizer_path: str | None = None, init_method: str = "subword") -> None:
     """Fill `model` from `model.init_from`, one layer's slices read at a time.
 
     Under ZeRO-3 only data-parallel rank 0 reads; the others take part in each parameter's gather and
@@ -236,7 +283,7 @@ def load_weights(model: Llama, init_from: str, seed: int, tp_rank: int, tp_size:
     import deepspeed
 
     reader = dp_rank == 0 or not zero3
-    source = open_weights(init_from, seed) if reader else None
+    source = open_weights(init_from, seed, tokenizer_path, init_method) if reader else None
     params = dict(model.named_parameters())
     groups: dict[int | None, list[str]] = {}
     for name in params:  # model order, identical on every rank (gathers are collective)
@@ -267,7 +314,7 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
     """The model for this rank: built partitioned under ZeRO-3, weights from `model.init_from`."""
     import deepspeed
 
-    args = model_args(cfg.model.init_from)
+    args = resolved_model_args(cfg)
     zero3 = cfg.parallel.zero_stage == 3
     # dtype comes from the JSON's bf16 flag: zero.Init's own `dtype` argument is ignored on accelerators
     # without fp16 (DeepSpeed 0.19 picks bf16 on CPU whatever is passed).
@@ -283,7 +330,14 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
         raise RuntimeError(f"parameters were built in {sorted(map(str, wrong))} instead of {dtype}; "
                            "the DeepSpeed version changed how zero.Init picks the dtype")
     mark_tensor_parallel(model)
-    load_weights(model, cfg.model.init_from, cfg.train.seed, ps.tp_rank, ps.tp, ps.dp_rank, zero3)
+    load_weights(model, cfg.model.init_from, cfg.train.seed, ps.tp_rank, ps.tp, ps.dp_rank, zero3,
+                 cfg.tokenizer.path, cfg.tokenizer.new_embedding_init)
+    first_row = first_trainable_row(cfg)
+    if first_row is not None:
+        # Stage 1: only the new rows of the embedding (and head) train; everything else is frozen.
+        model.train_only_vocab_rows_from(first_row)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in ("tok_embeddings.weight", "lm_head.weight"))
     if zero3:
         # The LM head (or the tied embedding) is used in the loss, outside its own module's forward:
         # register it with the top module so ZeRO-3 gathers it for the whole forward and backward.
@@ -292,11 +346,16 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices and embeddings, none on norms and biases (1-D)."""
+    """AdamW groups over the trainable parameters: weight decay on matrices and embeddings, none on norms
+    and biases (1-D). With frozen vocabulary rows nothing decays: decay would move the old rows."""
+    if model.tok_embeddings.first_trainable_row is not None:
+        weight_decay = 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
     # Under ZeRO-3 p.ndim is the partitioned placeholder's; ds_shape keeps the real shape.
-    decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]
-    no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in trainable if len(getattr(p, "ds_shape", p.shape)) < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def build_engine(cfg: Config, ps, device: torch.device):

@@ -41,16 +41,15 @@ def preflight(cfg: Config, world_size: int):
     from megakor.data.blend import SourceSpec
     from megakor.data.indexed import IndexedDataset, is_indexed_prefix
     from megakor.data.sources import expand_inputs
-    from megakor.train.engine import deepspeed_config, model_args
+    from megakor.train.engine import deepspeed_config, first_trainable_row, resolved_model_args
 
     validate(cfg, world_size)
     p = cfg.parallel
     if p.pipeline > 1:
         raise ConfigError(f"parallel.pipeline={p.pipeline}: the pipeline mode is not built yet; "
                           "use parallel.pipeline=1 (ZeRO-3 over DP × TP)")
-    if cfg.train.freeze != "none":
-        raise ConfigError(f"train.freeze={cfg.train.freeze} is not supported by the trainer yet; set train.freeze=none")
-    args = model_args(cfg.model.init_from)
+    args = resolved_model_args(cfg)
+    first_trainable_row(cfg)  # train.freeze needs to know which vocabulary rows are new
     validate_model_layout(cfg, args.num_heads, args.num_kv_heads, args.num_layers)
     if cfg.train.seq_len > args.max_position_embeddings and args.rope_type != "dynamic":
         log.warning("train.seq_len=%d exceeds the model's max_position_embeddings=%d", cfg.train.seq_len,
