@@ -1,9 +1,14 @@
-"""Turn a training checkpoint into a Hugging Face model directory (any layout: ZeRO-3 and TP shards).
+"""Conversions into a Hugging Face model directory.
 
+    # a training checkpoint (any layout: ZeRO-3 and TP shards) → HF
     python launch/convert.py --checkpoint runs/ko/checkpoints --out runs/ko/hf            # from `latest`
     python launch/convert.py --checkpoint runs/ko/checkpoints/global_step2000 --out hf2000
+    # a GGUF file (llama.cpp; dequantised, Q/K permutation undone) → HF
+    python launch/convert.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out runs/smollm2
+    # an HF checkpoint grown to a vocabulary-extended tokenizer (new rows: subword mean, mean or random)
+    python launch/convert.py --model runs/smollm2 --tokenizer runs/ko-tokenizer --init subword --out runs/smollm2-ko
 
-The result (config.json, safetensors, tokenizer files) loads with
+Every result (config.json, safetensors, tokenizer files) loads with
 transformers.AutoModelForCausalLM.from_pretrained and with megakor's own model.init_from.
 """
 
@@ -16,17 +21,36 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megakor.config import ConfigError  # noqa: E402
-from megakor.train.checkpointing import convert_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint.dir (uses its latest) or one global_step* directory")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint.dir (uses its latest) or one global_step* directory")
+    src.add_argument("--gguf", help="a .gguf file")
+    src.add_argument("--model", help="an HF checkpoint directory to grow to --tokenizer's vocabulary")
+    ap.add_argument("--tokenizer", help="with --model: the extended tokenizer directory")
+    ap.add_argument("--init", default="subword", choices=("subword", "mean", "random"),
+                    help="with --model: initialisation of the new rows")
     ap.add_argument("--out", required=True, help="HF directory to write")
     args = ap.parse_args(argv)
+    if args.model and not args.tokenizer:
+        ap.error("--model needs --tokenizer (the extended tokenizer directory)")
     try:
-        out = convert_checkpoint(args.checkpoint, args.out)
-    except (FileNotFoundError, ConfigError) as e:
+        if args.checkpoint:
+            from megakor.train.checkpointing import convert_checkpoint
+
+            out = convert_checkpoint(args.checkpoint, args.out)
+        elif args.gguf:
+            from megakor.checkpoint.gguf import convert_gguf_to_hf
+
+            out = convert_gguf_to_hf(args.gguf, args.out)
+        else:
+            from megakor.checkpoint.hf import HFCheckpoint
+            from megakor.checkpoint.resize import resize_checkpoint_vocab
+
+            out = resize_checkpoint_vocab(HFCheckpoint(args.model), args.model, args.tokenizer, args.out, args.init)
+    except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -61,7 +61,8 @@ TP_SPLIT = {
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+                   "megakor_extension.json")
 
 
 def key_map(args: ModelArgs) -> dict[str, str]:
