@@ -159,3 +159,21 @@ def attention(q, k, v, position_ids, sliding_window=None, backend: str = "auto")
         seg = [t[s:e].transpose(0, 1).unsqueeze(0) for t in (qf, kf, vf)]  # [1, heads, L, D]
         outs.append(F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1))
     return torch.cat(outs).view(B, T, H, D)
+
+
+def cached_attention(q, k, v, past: int, sliding_window: int | None = None):
+    """Causal grouped-query attention of new queries over cached plus new keys (generation).
+
+    q: [B, T, H, D], the tokens at positions past..past+T-1; k, v: [B, past+T, Hkv, D], every key so
+    far. All rows share one length (no padding), so one [T, past+T] mask serves the batch. SDPA's
+    `is_causal` aligns the triangle top-left, which is wrong once past > 0, hence the explicit mask.
+    """
+    T, S = q.shape[1], k.shape[1]
+    query_pos = torch.arange(past, past + T, device=q.device)[:, None]
+    key_pos = torch.arange(S, device=q.device)[None, :]
+    allowed = key_pos <= query_pos
+    if sliding_window is not None:
+        allowed &= (query_pos - key_pos) < sliding_window
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, D]
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa).transpose(1, 2)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megakor.model.args import ModelArgs
-from megakor.model.attention import RotaryEmbedding, attention
+from megakor.model.attention import RotaryEmbedding, attention, cached_attention
 from megakor.model.kernels import apply_rope, rms_norm, swiglu
 from megakor.model.layers import (
     ColumnParallelLinear,
@@ -52,13 +52,17 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(d, args.num_kv_heads * hd, args.attention_bias, tp_group)
         self.o_proj = RowParallelLinear(args.num_heads * hd, d, args.o_bias, tp_group)
 
-    def forward(self, x, cos, sin, position_ids):
+    def forward(self, x, cos, sin, position_ids, kv_cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.local_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v, position_ids, self.sliding_window, self.backend)
+        if kv_cache is None:
+            y = attention(q, k, v, position_ids, self.sliding_window, self.backend)
+        else:  # generation: attend to this layer's cached keys/values as well (`megakor.generate.KVCache`)
+            k, v, past = kv_cache.update(k, v)
+            y = cached_attention(q, k, v, past, self.sliding_window)
         return self.o_proj(y.reshape(B, T, -1))
 
 
@@ -82,8 +86,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp_group)
 
-    def forward(self, x, cos, sin, position_ids):
-        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids)
+    def forward(self, x, cos, sin, position_ids, kv_cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, kv_cache)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -138,17 +142,19 @@ class Llama(nn.Module):
                 with torch.no_grad():
                     p.normal_(0.0, std, generator=generator)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, D]."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      kv_cache=None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D]. With a `kv_cache` (generation), `input_ids` continue the
+        cached tokens and `position_ids` must say where; keys/values are appended to the cache."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         x = self.tok_embeddings(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        for block in self.layers.values():
+        for name, block in self.layers.items():
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, position_ids, use_reentrant=False)
             else:
-                x = block(x, cos, sin, position_ids)
+                x = block(x, cos, sin, position_ids, None if kv_cache is None else kv_cache[name])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
