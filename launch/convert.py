@@ -1,6 +1,6 @@
 """Conversions into a Hugging Face model directory.
 
-    # a training checkpoint (any layout: ZeRO-3 and TP shards) → HF
+    # a training checkpoint (any layout: ZeRO-3, TP shards, pipeline stages) → HF
     python launch/convert.py --checkpoint runs/ko/checkpoints --out runs/ko/hf            # from `latest`
     python launch/convert.py --checkpoint runs/ko/checkpoints/global_step2000 --out hf2000
     # a GGUF file (llama.cpp; dequantised, Q/K permutation undone) → HF

@@ -5,7 +5,8 @@ Ranks are ordered tensor-parallel innermost, then data-parallel, then pipeline:
     rank = pp_rank · (dp · tp) + dp_rank · tp + tp_rank
 
 which is the order of DeepSpeed's `PipeModelDataParallelTopology` (axes pipe, data, model), so the
-pipeline mode can hand the same layout to DeepSpeed's `PipelineModule` later. TP ranks are neighbours
+pipeline mode hands the same layout to DeepSpeed's `PipelineModule` (`deepspeed_topology`, checked
+rank by rank against DeepSpeed's grid by `check_deepspeed_grid`). TP ranks are neighbours
 because they talk on every layer: on a GPU node they share NVLink.
 
 `init_distributed()` joins the job however it was launched:
@@ -151,6 +152,35 @@ class ParallelState:
     def __repr__(self) -> str:
         return (f"ParallelState(rank={self.global_rank}, tp={self.tp_rank}/{self.tp}, dp={self.dp_rank}/{self.dp}, "
                 f"pp={self.pp_rank}/{self.pp})")
+
+
+# ---- DeepSpeed's pipeline topology ----------------------------------------------------------------
+
+def deepspeed_topology(topology: Topology):
+    """DeepSpeed's `PipeModelDataParallelTopology` for our layout: its axes (pipe, data, model) order ranks
+    as we do, so its pipeline grid builds the same DP, PP and TP groups as `ParallelState`."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.tp, num_dp=topology.dp)
+
+
+def check_deepspeed_grid(grid, ps: ParallelState) -> None:
+    """Raise unless DeepSpeed's pipeline grid placed this rank exactly as `ps` does. DeepSpeed all-reduces
+    gradients over its DP group and sends activations along its PP group while our layers talk on our TP
+    group; if the two disagreed, training would silently mix the wrong shards."""
+    topo, me = ps.topology, ps.global_rank
+    ours = {"pipeline stage": ps.pp_rank, "data-parallel rank": ps.dp_rank, "tensor-parallel rank": ps.tp_rank,
+            "data-parallel group": next(g for g in topo.dp_groups() if me in g),
+            "pipeline group": next(g for g in topo.pp_groups() if me in g),
+            "tensor-parallel group": next(g for g in topo.tp_groups() if me in g)}
+    theirs = {"pipeline stage": grid.get_stage_id(), "data-parallel rank": grid.get_data_parallel_id(),
+              "tensor-parallel rank": grid.get_slice_parallel_rank(),
+              "data-parallel group": sorted(grid.dp_group), "pipeline group": sorted(grid.pp_group),
+              "tensor-parallel group": sorted(grid.slice_group)}
+    for what, value in ours.items():
+        if theirs[what] != value:
+            raise RuntimeError(f"rank {me}: DeepSpeed's pipeline grid gives {what} {theirs[what]} but megakor's layout "
+                               f"gives {value}; the two rank orders must agree (see megakor.parallel)")
 
 
 # ---- joining the job ------------------------------------------------------------------------------

@@ -33,8 +33,7 @@ def _cases(tmp_path):
         (2, ["train.global_batch=3"], "train.global_batch=3 is not divisible by train.micro_batch=1 × data-parallel "
                                       "size 2; use a multiple of 2"),
         (2, ["parallel.pipeline=2"], "parallel.zero_stage=3 cannot be combined with parallel.pipeline=2"),
-        (2, ["parallel.pipeline=2", "parallel.zero_stage=1"], "parallel.pipeline=2: the pipeline mode is not built "
-                                                              "yet; use parallel.pipeline=1"),
+        (4, ["parallel.pipeline=4", "parallel.zero_stage=1"], "parallel.pipeline=4 exceeds the model's 2 layers"),
         (2, [f"deepspeed.config={ds}"], "sets train_micro_batch_size_per_gpu=4 but train.micro_batch=1 gives 1"),
         (2, ["parallel.zero_stage=2", "parallel.offload_params=true"], "parallel.offload_params needs parameter "
                                                                        "partitioning; set parallel.zero_stage=3"),

@@ -275,16 +275,18 @@ def mark_tensor_parallel(model: torch.nn.Module) -> None:
 
 
 def load_weights(model: Llama, init_from: str, seed: int, tp_rank: int, tp_size: int, dp_rank: int, zero3: bool,
-                 tokenizer_path: str | None = None, init_method: str = "subword") -> None:
+                 tokenizer_path: str | None = None, init_method: str = "subword",
+                 params: dict[str, torch.nn.Parameter] | None = None) -> None:
     """Fill `model` from `model.init_from`, one layer's slices read at a time.
 
     Under ZeRO-3 only data-parallel rank 0 reads; the others take part in each parameter's gather and
-    receive the broadcast. Without ZeRO-3 every rank fills its own (TP-sliced) parameters."""
+    receive the broadcast. Without ZeRO-3 every rank fills its own (TP-sliced) parameters. `params`
+    (megakor name → parameter) defaults to the model's; a pipeline stage passes only its own."""
     import deepspeed
 
     reader = dp_rank == 0 or not zero3
     source = open_weights(init_from, seed, tokenizer_path, init_method) if reader else None
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if params is None else params
     groups: dict[int | None, list[str]] = {}
     for name in params:  # model order, identical on every rank (gathers are collective)
         groups.setdefault(layer_index(name), []).append(name)
@@ -348,7 +350,7 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups over the trainable parameters: weight decay on matrices and embeddings, none on norms
     and biases (1-D). With frozen vocabulary rows nothing decays: decay would move the old rows."""
-    if model.tok_embeddings.first_trainable_row is not None:
+    if getattr(getattr(model, "tok_embeddings", None), "first_trainable_row", None) is not None:
         weight_decay = 0.0
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Under ZeRO-3 p.ndim is the partitioned placeholder's; ds_shape keeps the real shape.
@@ -362,6 +364,8 @@ def build_engine(cfg: Config, ps, device: torch.device):
     """(DeepSpeed engine, resolved DeepSpeed JSON, training dtype)."""
     import deepspeed
 
+    if ps.pp > 1:
+        return build_pipeline_engine(cfg, ps, device)
     dtype = train_dtype(cfg, device.type)
     ds_config = deepspeed_config(cfg, ps.dp, device.type)
     model = build_model(cfg, ps, copy.deepcopy(ds_config), dtype, device)
@@ -369,4 +373,52 @@ def build_engine(cfg: Config, ps, device: torch.device):
                                            config=copy.deepcopy(ds_config), mpu=ps)
     # RoPE frequencies in fp32 on the device, whatever zero.Init or DeepSpeed's module cast did to buffers.
     engine.module.rope.inv_freq = rope_inv_freq(model.args).to(device)
+    return engine, ds_config, dtype
+
+
+# ---- the pipeline mode (PP × DP × TP, ZeRO 0/1) ----------------------------------------------------
+
+
+def mark_for_pipeline_grad_norm(model, tp_rank: int) -> None:
+    """Make DeepSpeed count each gradient exactly once in the global norm it clips with.
+
+    ZeRO-1 and the bf16 optimizer count a parameter when it is TP-split or on TP rank 0, skipping the
+    last stage's copy of a tied embedding (`ds_pipe_replicated`). ZeRO-0 in fp32 clips through
+    `clip_grad_norm_` instead, which skips nothing and keys "replicated" on the rank in DeepSpeed's
+    model-parallel group, TP × PP: it would count the norms of stage 0 only, and the tied embedding
+    twice. Marking `model_parallel` on exactly the parameters that should count makes both agree."""
+    from megakor.model.pipeline import megakor_name
+
+    for name, p in model.named_parameters():
+        replicated = getattr(p, "ds_pipe_replicated", False)
+        split = tp_split_kind(megakor_name(name)) is not None
+        p.tensor_model_parallel = split and not replicated
+        p.model_parallel = not replicated and (split or tp_rank == 0)
+
+
+def build_pipeline_engine(cfg: Config, ps, device: torch.device):
+    """The pipeline engine: this rank's stage of `LlamaPipe` on a DeepSpeed topology equal to ours
+    (checked), weights read for the stage's own layers and TP slice, AdamW over the stage."""
+    import deepspeed
+
+    from megakor.model.attention import RotaryEmbedding
+    from megakor.model.pipeline import LlamaPipe
+    from megakor.parallel import check_deepspeed_grid, deepspeed_topology
+
+    dtype = train_dtype(cfg, device.type)
+    ds_config = deepspeed_config(cfg, ps.dp, device.type)
+    args = resolved_model_args(cfg)
+    model = LlamaPipe(args, deepspeed_topology(ps.topology), ps.tp_group_or_none(), cfg.model.attention,
+                      cfg.model.loss_chunk_tokens, cfg.model.activation_checkpointing, cfg.parallel.pipeline_partition)
+    check_deepspeed_grid(model.mpu(), ps)
+    model.to(device=device, dtype=dtype)
+    # Both copies of a tied embedding read it from the checkpoint, so they start equal.
+    load_weights(model, cfg.model.init_from, cfg.train.seed, ps.tp_rank, ps.tp, ps.dp_rank, False, cfg.tokenizer.path,
+                 cfg.tokenizer.new_embedding_init, params=model.megakor_parameters(tied_copies=True))
+    mark_for_pipeline_grad_norm(model, ps.tp_rank)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                                           config=copy.deepcopy(ds_config))
+    for m in engine.module.modules():  # fp32 RoPE frequencies whatever DeepSpeed's module cast did to buffers
+        if isinstance(m, RotaryEmbedding):
+            m.inv_freq = rope_inv_freq(args).to(device)
     return engine, ds_config, dtype
