@@ -9,9 +9,11 @@
     mpirun -np 2 python launch/train.py --config configs/runs/tiny_cpu.yaml
     # Slurm: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]
 
-Any config field can be overridden as section.key=value (values are YAML). Training resumes from
-checkpoint.dir/latest when it exists. On a machine without a GPU, set DS_ACCELERATOR=cpu.
-Exit status 2 means a configuration mistake, reported in one sentence before any process started talking.
+Any config field can be overridden as section.key=value (values are YAML). Training resumes from the
+newest complete checkpoint in checkpoint.dir. On a machine without a GPU, set DS_ACCELERATOR=cpu.
+Exit status: 0 done; 2 a configuration mistake, reported in one sentence before any process started
+talking; 3 train.max_skipped_steps non-finite steps in a row; $MEGAKOR_REQUEUE_EXIT (default 42) stopped
+by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if not torch.cuda.is_available():
 
 from megakor.config import ConfigError, load_config  # noqa: E402
 from megakor.parallel import shutdown_distributed  # noqa: E402
+from megakor.train.faults import NumericalFault, requeue_exit_code  # noqa: E402
 from megakor.train.loop import setup_logging, train  # noqa: E402
 
 
@@ -41,13 +44,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     setup_logging()
     try:
-        train(load_config(args.config, args.overrides))
+        result = train(load_config(args.config, args.overrides))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NumericalFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         shutdown_distributed()
-    return 0
+    return requeue_exit_code() if result["preempted"] else 0
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class TrainConfig:
     freeze: str = "none"
     """What does not train: none, or new_embeddings_only (only rows of tokens added by vocabulary
     extension train; every other parameter receives zero update)."""
+    max_skipped_steps: int = 10
+    """Consecutive steps with a non-finite loss or gradient norm (each skipped: no weight update, its
+    batch not retried) after which training stops with an error, keeping its last checkpoint; 0 = never."""
 
 
 @dataclass
@@ -298,6 +301,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pipeline={p.pipeline} "
             "(DeepSpeed supports only ZeRO 0/1 with pipeline parallelism); set parallel.zero_stage=1 or parallel.pipeline=1"
         )
+    if cfg.train.max_skipped_steps < 0:
+        raise ConfigError(f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be 0 (no limit) or more")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if world_size is not None:

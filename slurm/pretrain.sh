@@ -7,7 +7,10 @@
 #   sbatch --gpus-per-node=8 slurm/pretrain.sh CONFIG [section.key=value ...]            # 1 node x 8 GPUs
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/pretrain.sh CONFIG train.micro_batch=2  # 4 nodes x 8 GPUs
 #   sbatch --ntasks-per-node=2 --cpus-per-task=1 slurm/pretrain.sh CONFIG               # CPU-only node
-# Every #SBATCH default below can be overridden on the sbatch command line.
+#   sbatch --nodes=2 --ntasks-per-node=4 --cpus-per-task=8 slurm/pretrain.sh CONFIG     # 2 CPU-only nodes
+# Every #SBATCH default below can be overridden on the sbatch command line. checkpoint.dir (and
+# logging.tensorboard_dir) must be on a filesystem every node sees. Submitting the same command again
+# after a crash resumes too: the trainer always starts from the newest complete checkpoint there.
 #
 # GPUs are deliberately NOT requested in the header: "#SBATCH --gpus-per-node=8" would be
 # rejected outright on a CPU-only cluster (CI), and a header line cannot be conditional.
@@ -17,13 +20,16 @@
 #
 # Preemption / time limit: Slurm sends USR1 to this batch shell 180 s before the limit
 # (--signal=B:USR1@180; by hand: scancel --signal=USR1 --batch JOBID). The shell forwards
-# it (and TERM) to the srun step; the trainer saves a checkpoint and exits with
-# $MEGAKOR_REQUEUE_EXIT (default 42). On that code this script runs
+# it (and TERM) to the srun step; every rank finishes the current step (the ranks agree on
+# which), they save a checkpoint together and exit with $MEGAKOR_REQUEUE_EXIT (default 42;
+# 180 s must cover one step plus one save: raise it with --signal=B:USR1@SECONDS if not).
+# On that code this script runs
 # `scontrol requeue $SLURM_JOB_ID`: the job goes back to PENDING with the same id, restarts
 # from the top (SLURM_RESTART_COUNT=1,2,...) and appends to the same log (--open-mode=append).
 # An exit code alone never requeues (only with a cluster-wide RequeueExit=, which we don't
 # rely on). Slurm holds a requeued job for AuthInfo cred_expire (default 120 s) before it
-# can start again.
+# can start again. Any other code ends the job: 0 done, 2 a configuration mistake, 3 too many
+# non-finite steps in a row (train.max_skipped_steps), others a crash.
 #
 # Test hook: MEGAKOR_TRAIN_CMD="shell command" replaces `python launch/train.py`; it runs via
 # `bash -c` with "--config CONFIG overrides..." as its positional arguments ("$@").
@@ -45,6 +51,7 @@ if [[ $# -lt 1 || -z ${SLURM_JOB_ID:-} ]]; then
 fi
 CONFIG=$1; shift
 REQUEUE_EXIT=${MEGAKOR_REQUEUE_EXIT:-42}
+say() { echo "megakor: [$(date +%FT%T)] $*"; }
 cd "${SLURM_SUBMIT_DIR:-.}"
 
 # Rendezvous: first node of the allocation; port derived from the job id, kept below the
@@ -57,7 +64,7 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} PYTHONUNBUFFERED=1 MEGAKOR_REQU
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if (( ngpu == 0 )); then
   export DS_ACCELERATOR=cpu
-  echo "megakor: no GPU visible -> DS_ACCELERATOR=cpu (for GPUs submit with --gpus-per-node=8)"
+  say "no GPU visible -> DS_ACCELERATOR=cpu (for GPUs submit with --gpus-per-node=8)"
 fi
 
 if [[ -n ${MEGAKOR_TRAIN_CMD:-} ]]; then
@@ -65,8 +72,8 @@ if [[ -n ${MEGAKOR_TRAIN_CMD:-} ]]; then
 else
   cmd=("${PYTHON:-python}" launch/train.py --config "$CONFIG" "$@")
 fi
-echo "megakor: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST" \
-     "master $MASTER_ADDR:$MASTER_PORT world $WORLD_SIZE gpus/node $ngpu: ${cmd[*]}"
+say "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST" \
+    "master $MASTER_ADDR:$MASTER_PORT world $WORLD_SIZE gpus/node $ngpu: ${cmd[*]}"
 
 # srun in Slurm >= 22.05 does not inherit --cpus-per-task from sbatch: pass it explicitly.
 # Per-task rank variables only exist inside the step, hence the small bash -c wrapper.
@@ -75,7 +82,7 @@ srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
   megakor "${cmd[@]}" &
 srun_pid=$!
 
-forward() { echo "megakor: got SIG$1, forwarding to the training step"; kill -"$1" "$srun_pid" 2>/dev/null; }
+forward() { say "got SIG$1, forwarding to the training step"; kill -"$1" "$srun_pid" 2>/dev/null; }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
@@ -84,8 +91,8 @@ rc=0; wait "$srun_pid" || rc=$?
 while kill -0 "$srun_pid" 2>/dev/null; do rc=0; wait "$srun_pid" || rc=$?; done
 
 if (( rc == REQUEUE_EXIT )); then
-  echo "megakor: trainer asked for requeue (exit $rc): scontrol requeue $SLURM_JOB_ID"
+  say "trainer asked for requeue (exit $rc): scontrol requeue $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
 fi
-echo "megakor: training step exited with $rc"
+say "training step exited with $rc"
 exit "$rc"

@@ -1,7 +1,9 @@
 """End-to-end tests of slurm/pretrain.sh on a real (one-node) Slurm cluster.
 
 Bring the cluster up first with `bash .ci/slurm_up.sh` (root, Debian); without it these
-tests skip. The real trainer is replaced by a stand-in via MEGAKOR_TRAIN_CMD.
+tests skip. The first two replace the trainer by a stand-in via MEGAKOR_TRAIN_CMD; the last two run
+the real launch/train.py (configs/runs/tiny_cpu.yaml, 2 CPU tasks): to completion, and interrupted by
+`scancel --signal=USR1 --batch`, requeued and resumed with the uninterrupted job's loss sequence.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,3 +149,104 @@ def test_pretrain_requeues_on_usr1(tmp_path):
     assert re.search(r"job \d+ restart 0 ", text) and re.search(r"job \d+ restart 1 ", text), text
     for rank in (0, 1):
         assert f"STANDIN rank={rank} done restart=1" in text, text
+
+
+# ---- the real trainer: configs/runs/tiny_cpu.yaml, 2 CPU tasks ------------------------------------
+
+STEPS = 30
+_STAMP = re.compile(r"^megakor: \[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\] (.*)$", re.M)
+
+
+def _real_env() -> dict[str, str]:
+    env = {k: v for k, v in _env().items() if k != "MEGAKOR_TRAIN_CMD"}
+    env["PYTHON"] = sys.executable
+    return env
+
+
+def _submit(d: Path, overrides: list[str]) -> tuple[str, Path]:
+    d.mkdir(parents=True)  # for the log: Slurm does not create directories
+    proc = subprocess.run([*_sbatch_args(d / "job-%j.out", "--parsable", "--time=10"), "configs/runs/tiny_cpu.yaml",
+                           *overrides, f"checkpoint.dir={d / 'ck'}", f"logging.tensorboard_dir={d / 'tb'}"],
+                          cwd=REPO, env=_real_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    return job_id, d / f"job-{job_id}.out"
+
+
+def _wait_finished(job_id: str, log: Path, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while (info := _job_info(job_id)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                             "NODE_FAIL", "OUT_OF_MEMORY"):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], timeout=15)
+            pytest.fail(f"job {job_id} did not finish in {timeout} s: {info}\n{_read(log)[-4000:]}")
+        time.sleep(0.5)
+    return info
+
+
+def _read(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(work dir, overrides) for tiny_cpu jobs on a synthetic corpus, and the uninterrupted reference job."""
+    from dist_utils import write_corpus
+
+    root = tmp_path_factory.mktemp("slurm_train")
+    prefix = write_corpus(root / "train", 300, vocab=512, seed=0)
+    overrides = [f"data.sources=[{{path: {prefix}}}]", f"data.cache_dir={root / 'cache'}", f"train.steps={STEPS}",
+                 "checkpoint.every=0"]
+    job_id, log = _submit(root / "uninterrupted", overrides)
+    info = _wait_finished(job_id, log, 240)
+    return root, overrides, info, _read(log)
+
+
+def test_sbatch_runs_the_real_trainer_on_cpu_nodes(tiny):
+    from dist_utils import read_scalars
+
+    root, _, info, text = tiny
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", f"{info}\n{text[-4000:]}"
+    assert "no GPU visible -> DS_ACCELERATOR=cpu" in text and "megakor: 2 processes, tp=1 dp=2" in text
+    assert "training step exited with 0" in text
+    losses = read_scalars(root / "uninterrupted" / "tb", "train/loss")
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+    ck = root / "uninterrupted" / "ck"
+    assert (ck / "latest").read_text() == f"global_step{STEPS}"
+    from megakor.train.checkpointing import problem
+
+    assert problem(ck / f"global_step{STEPS}") is None  # every file matches the manifest
+
+
+def test_usr1_saves_requeues_and_resumes_on_the_uninterrupted_course(tiny):
+    from dist_utils import read_scalars
+
+    root, overrides, _, _ = tiny
+    job_id, log = _submit(root / "preempted", overrides)
+    try:
+        deadline = time.monotonic() + 120
+        while f"step 2/{STEPS} " not in _read(log):
+            assert time.monotonic() < deadline, f"no step 2 in 120 s\n{_read(log)[-4000:]}\n{_job_info(job_id)}"
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=15)
+        info = _wait_finished(job_id, log, 240)
+    finally:
+        if _job_info(job_id).get("JobState") not in ("COMPLETED", None):
+            subprocess.run(["scancel", job_id], timeout=15)
+    text = _read(log)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-4000:]}"
+    stopped = int(re.search(r"stop requested \(SIGUSR1/SIGTERM\) at step (\d+)", text)[1])
+    assert 2 <= stopped < STEPS
+    assert f"saved checkpoint {root / 'preempted' / 'ck' / f'global_step{stopped}'}" in text
+    assert f"trainer asked for requeue (exit {REQUEUE_EXIT})" in text
+    assert f"resumed from {root / 'preempted' / 'ck' / f'global_step{stopped}'} at step {stopped}" in text
+    want = read_scalars(root / "uninterrupted" / "tb", "train/loss")
+    got = read_scalars(root / "preempted" / "tb", "train/loss")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == want[s] for s in want), [(s, got[s], want[s]) for s in want if got[s] != want[s]]
+    stamps = {msg: time.mktime(time.strptime(t, "%Y-%m-%dT%H:%M:%S")) for t, msg in _STAMP.findall(text)}
+    exited = next(t for m, t in stamps.items() if m == f"training step exited with {REQUEUE_EXIT}")
+    restarted = next(t for m, t in stamps.items() if re.match(rf"job {job_id} restart 1 ", m))
+    print(f"\nstopped at step {stopped}; requeue latency (exit {REQUEUE_EXIT} -> restart 1) "
+          f"{restarted - exited:.0f} s; losses (bitwise equal to the uninterrupted job) "
+          + " ".join(f"{s}:{got[s]:.6f}" for s in sorted(got)))

@@ -2,18 +2,27 @@
 export that `launch/convert.py` turns into a Hugging Face directory for any layout.
 
     checkpoint.dir/
-      latest                      the tag to resume from; rewritten (atomically) last
+      latest                      the newest published tag, for tools; rewritten (atomically) after publishing
       global_step120/
         zero_pp_rank_*_mp_rank_*  DeepSpeed: ZeRO partitions of parameters and AdamW state, per rank
         megakor_state.json        step, consumed samples/tokens, data-loader state, layout, config
         rng_rank00000.pt          each rank's RNG states
-        model/                    the export: tp00-00000.safetensors ... (each TP rank's full slices),
-                                  meta.json (architecture, HF config, TP size), tokenizer files
+        model/                    the export: tp00-00000.safetensors ... (each TP rank's full slices;
+                                  tp00-pp01-00000... per pipeline stage), meta.json (architecture, HF
+                                  config, TP and PP sizes), tokenizer files
+        manifest.json             every other file's size and sha256; written last, before publishing
 
-Publishing: every rank writes into `.tmp-global_stepN`; after a barrier rank 0 renames it to
-`global_stepN`, then rewrites `latest`, then removes checkpoints beyond `checkpoint.keep`. A crash
-at any point leaves `latest` naming a complete checkpoint. The rename assumes `checkpoint.dir` is one
-filesystem that all ranks see (as DeepSpeed's own resume does).
+Publishing: every rank writes into `.tmp-global_stepN`; after a barrier the ranks hash the files (each
+a share) and rank 0 writes the manifest, renames the directory to `global_stepN`, rewrites `latest`,
+then removes checkpoints beyond `checkpoint.keep` (each renamed to `.tmp-*` before it is deleted). Every
+`.tmp-*` is debris of an interrupted save and is removed when the next save starts.
+
+Resuming takes the newest `global_step*` whose files match its manifest, whatever `latest` says: a
+crash after the rename but before `latest` loses nothing, and a checkpoint that is truncated or
+corrupt (a node that died with data in its page cache, a filesystem fault) is skipped, with a warning,
+for the one before it. Sizes are checked before any process group exists; hashes after, each rank
+hashing a share, so all ranks agree on the tag. To roll back, move the newer directories away.
+The renames assume `checkpoint.dir` is one filesystem that all ranks see (as DeepSpeed's own resume does).
 
 The export gathers each parameter with `GatheredParameters` (one at a time, so no rank holds more
 than one full parameter beyond its shard) and data-parallel rank 0 of each TP rank writes its slices;
@@ -25,6 +34,7 @@ TP slices concatenate (column, row, vocabulary rows with padding).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -38,8 +48,10 @@ import torch.distributed as dist
 
 from megakor.config import ConfigError
 from megakor.model.args import ModelArgs
+from megakor.train import faults
 
 STATE_FILE = "megakor_state.json"
+MANIFEST = "manifest.json"
 EXPORT_DIR = "model"
 _TAG = re.compile(r"^global_step(\d+)$")
 MAX_EXPORT_SHARD_BYTES = 2 * 1024**3
@@ -49,37 +61,118 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
-def latest_tag(root: str | os.PathLike) -> str | None:
-    """The tag `latest` names, if it exists and its directory is complete."""
+def checkpoint_tags(root: str | os.PathLike) -> list[str]:
+    """The `global_step*` directories under `root`, newest first (complete or not)."""
     root = Path(root)
-    if not (root / "latest").is_file():
-        return None
-    tag = (root / "latest").read_text().strip()
-    if not (root / tag / STATE_FILE).is_file():
-        raise ConfigError(f"{root}/latest names {tag}, which is missing or incomplete; point latest at a complete "
-                          f"global_step* directory or remove checkpoint.dir={root} to start over")
-    return tag
+    if not root.is_dir():
+        return []
+    tags = [(int(m.group(1)), p.name) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir()]
+    return [name for _, name in sorted(tags, reverse=True)]
+
+
+def problem(tag_dir: str | os.PathLike, rank: int = 0, world_size: int = 1, hashes: bool = True) -> str | None:
+    """Why `tag_dir` is not a complete checkpoint, or None: every file of its manifest present with its
+    size, and (with `hashes`) the sha256 of files i ≡ rank (mod world_size), this rank's share."""
+    tag_dir = Path(tag_dir)
+    try:
+        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (its save was interrupted, or an older megakor wrote it)"
+    except (ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for i, (name, entry) in enumerate(sorted(files.items())):
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, its manifest says {entry['bytes']}"
+        if hashes and i % world_size == rank and _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its sha256 in {MANIFEST}"
+    if STATE_FILE not in files:
+        return f"its {MANIFEST} does not list {STATE_FILE}"
+    return None
+
+
+def _scan(root: Path) -> tuple[list[str], list[str]]:
+    """(tags whose files have the sizes their manifests give, newest first; why each other tag is not)."""
+    complete, broken = [], []
+    for tag in checkpoint_tags(root):
+        reason = problem(root / tag, hashes=False)
+        if reason is None:
+            try:
+                read_state(root, tag)
+            except ValueError:
+                reason = f"its {STATE_FILE} is unreadable"
+        if reason:
+            broken.append(f"{tag}: {reason}")
+        else:
+            complete.append(tag)
+    return complete, broken
+
+
+def latest_tag(root: str | os.PathLike) -> str | None:
+    """The newest checkpoint whose files have the sizes its manifest gives (None if there is none)."""
+    complete, _ = _scan(Path(root))
+    return complete[0] if complete else None
 
 
 def read_state(root: str | os.PathLike, tag: str) -> dict:
     return json.loads((Path(root) / tag / STATE_FILE).read_text())
 
 
-def check_resumable(root: str | os.PathLike, world_size: int, tp: int, pp: int) -> dict | None:
-    """The training state `latest` points to, after checking its layout matches this run (before any
-    process group: ZeRO partitions can only be reloaded by the same layout)."""
-    tag = latest_tag(root)
-    if tag is None:
-        return None
-    state = read_state(root, tag)
+def _check_layout(root: Path, tag: str, state: dict, world_size: int, tp: int, pp: int) -> None:
     saved = state["layout"]
     if (saved["world_size"], saved["tp"], saved["pp"]) != (world_size, tp, pp):
         raise ConfigError(
-            f"checkpoint {Path(root) / tag} was written by {saved['world_size']} processes with "
+            f"checkpoint {root / tag} was written by {saved['world_size']} processes with "
             f"parallel.tensor={saved['tp']}, parallel.pipeline={saved['pp']}, but this run has {world_size} with "
             f"parallel.tensor={tp}, parallel.pipeline={pp}; resume with the same layout, or convert it "
             "(launch/convert.py) and start a new run from the HF export")
+
+
+def _none_complete(root: Path, broken: list[str]) -> ConfigError:
+    return ConfigError(f"checkpoint.dir={root} holds no complete checkpoint ({'; '.join(broken)}); move the broken "
+                       "global_step* directories away to start over, or set another checkpoint.dir")
+
+
+def check_resumable(root: str | os.PathLike, world_size: int, tp: int, pp: int) -> dict | None:
+    """The training state of the checkpoint a run would resume from (sizes checked, not hashes), after
+    checking its layout matches this run (before any process group: ZeRO partitions can only be
+    reloaded by the same layout)."""
+    root = Path(root)
+    complete, broken = _scan(root)
+    if not complete:
+        if broken:
+            raise _none_complete(root, broken)
+        return None
+    state = read_state(root, complete[0])
+    _check_layout(root, complete[0], state, world_size, tp, pp)
     return state
+
+
+def resume_point(root: str | os.PathLike, world_size: int, tp: int, pp: int) -> tuple[str | None, list[str]]:
+    """(the tag to resume from, why each newer checkpoint was skipped); collective: rank 0's listing is
+    shared, every rank hashes its share of each candidate's files, and all agree on the verdict."""
+    root = Path(root)
+    rank, world = _rank_world()
+    listing = [_scan(root) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(listing, src=0)
+    complete, skipped = listing[0]
+    for tag in complete:
+        reasons = [problem(root / tag, rank, world)]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, reasons[0])
+            reasons = gathered
+        reason = next((r for r in reasons if r), None)
+        if reason is None:
+            _check_layout(root, tag, read_state(root, tag), world_size, tp, pp)
+            return tag, skipped
+        skipped.append(f"{tag}: {reason}")
+    if skipped:
+        raise _none_complete(root, skipped)
+    return None, []
 
 
 # ---- RNG -----------------------------------------------------------------------------------------
@@ -106,6 +199,10 @@ def _barrier():
         dist.barrier()
 
 
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def save_checkpoint(engine, ps, root: str | os.PathLike, step: int, state: dict, keep: int,
                     args: ModelArgs, hf_config: dict, tokenizer_dir: str | None) -> Path:
     """Write and publish `global_step{step}` (collective: every rank calls it)."""
@@ -114,27 +211,77 @@ def save_checkpoint(engine, ps, root: str | os.PathLike, step: int, state: dict,
     tmp_tag = f".tmp-{tag}"
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-global_step*"):  # left by a crash during an earlier save
+        for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save or prune
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={}, save_latest=False)
     tmp = root / tmp_tag
     torch.save(rng_state(), tmp / f"rng_rank{dist.get_rank():05d}.pt")
+    faults.kill_during_save(step)
     export_model(engine.module, tmp / EXPORT_DIR, ps, args, hf_config, tokenizer_dir)
     if dist.get_rank() == 0:
         full_state = {**state, "step": step, "layout": {"world_size": dist.get_world_size(), "tp": ps.tp, "pp": ps.pp,
                                                         "dp": ps.dp}}
         _write_atomic(tmp / STATE_FILE, json.dumps(full_state, indent=1, ensure_ascii=False))
     _barrier()
+    write_manifest(tmp)
     if dist.get_rank() == 0:
-        final = root / tag
-        if final.exists():  # saving the same step twice (e.g. a resumed run that ends where it began)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _publish(root, tmp, tag)
         _write_atomic(root / "latest", tag)
         _prune(root, keep, tag)
     _barrier()
     return root / tag
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(tag_dir: Path) -> None:
+    """Record every file's size and sha256 in `tag_dir/manifest.json` (collective when a process group
+    exists: rank 0's listing is shared, each rank hashes a share, rank 0 writes)."""
+    rank, world = _rank_world()
+    names = [sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+             if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)
+    mine = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)}
+            for i, n in enumerate(names[0]) if i % world == rank}
+    shares = [mine]
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+    if rank == 0:
+        files = {k: v for share in shares for k, v in share.items()}
+        _write_atomic(tag_dir / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+
+
+def _publish(root: Path, tmp: Path, tag: str) -> None:
+    final = root / tag
+    aside = root / f".tmp-replaced-{tag}"
+    if final.exists():  # the same step saved again (e.g. after resuming past a corrupt newer checkpoint)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (not possible on every filesystem; then the rename is as durable as it gets)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -148,10 +295,11 @@ def _write_atomic(path: Path, text: str) -> None:
 def _prune(root: Path, keep: int, current: str) -> None:
     if keep <= 0:
         return
-    tags = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
-    for _, path in tags[:-keep]:
-        if path.name != current:
-            shutil.rmtree(path, ignore_errors=True)
+    for tag in checkpoint_tags(root)[keep:]:
+        if tag != current:
+            doomed = root / f".tmp-pruned-{tag}"  # a crash mid-delete leaves debris, not a broken global_step*
+            os.rename(root / tag, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_checkpoint(engine, root: str | os.PathLike, tag: str) -> dict:
@@ -170,7 +318,9 @@ def load_checkpoint(engine, root: str | os.PathLike, tag: str) -> dict:
 
 def export_model(model: torch.nn.Module, out: Path, ps, args: ModelArgs, hf_config: dict,
                  tokenizer_dir: str | None, max_shard_bytes: int = MAX_EXPORT_SHARD_BYTES) -> None:
-    """Each TP rank's full parameter slices, written by its data-parallel rank 0 (collective)."""
+    """Each TP rank's full parameter slices, written by its data-parallel rank 0 (collective). In the
+    pipeline mode each stage writes its own parameters, under their megakor names (`tpXX-ppYY-*`); the
+    last stage's copy of a tied embedding is left to the first stage."""
     import deepspeed
     from safetensors.torch import save_file
 
@@ -182,12 +332,14 @@ def export_model(model: torch.nn.Module, out: Path, ps, args: ModelArgs, hf_conf
 
     def flush():
         nonlocal shard, size
-        name = f"tp{ps.tp_rank:02d}-{len(files):05d}.safetensors"
+        stage = f"pp{ps.pp_rank:02d}-" if ps.pp > 1 else ""
+        name = f"tp{ps.tp_rank:02d}-{stage}{len(files):05d}.safetensors"
         save_file(shard, str(out / name), metadata={"format": "pt"})
         files.append(name)
         shard, size = {}, 0
 
-    for name, p in model.named_parameters():  # same order on every rank: the gathers are collective
+    named = model.megakor_parameters().items() if ps.pp > 1 else model.named_parameters()
+    for name, p in named:  # same order on every rank: the gathers are collective
         with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
             if writer:
                 t = p.detach().to("cpu", copy=True).contiguous()
@@ -198,7 +350,7 @@ def export_model(model: torch.nn.Module, out: Path, ps, args: ModelArgs, hf_conf
     if writer and shard:
         flush()
     if dist.get_rank() == 0:
-        meta = {"tp": ps.tp, "args": dataclasses.asdict(args), "hf_config": hf_config}
+        meta = {"tp": ps.tp, "pp": ps.pp, "args": dataclasses.asdict(args), "hf_config": hf_config}
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
         if tokenizer_dir is not None:
             from megakor.checkpoint.hf import copy_tokenizer_files
@@ -230,9 +382,14 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
     args = ModelArgs(**meta["args"])
     shards = []
     for r in range(meta["tp"]):
-        files = sorted(export.glob(f"tp{r:02d}-*.safetensors"))
+        files = sorted(export.glob(f"tp{r:02d}-*.safetensors"))  # every pipeline stage's, in the pipeline mode
         if not files:
             raise FileNotFoundError(f"{export} lacks the slices of tensor-parallel rank {r}; the checkpoint is incomplete")
+        stages = range(meta["pp"]) if meta.get("pp", 1) > 1 else []
+        for stage in stages:
+            if not any(f.name.startswith(f"tp{r:02d}-pp{stage:02d}-") for f in files):
+                raise FileNotFoundError(f"{export} lacks pipeline stage {stage} of tensor-parallel rank {r}; "
+                                        "the checkpoint is incomplete")
         shard = {}
         for f in files:
             shard.update(load_file(str(f)))

@@ -8,7 +8,12 @@ Packed batches hold different numbers of labelled tokens per micro-batch, so ave
 means (or per-rank means) would weight tokens differently under different layouts. Each step therefore
 all-reduces the labelled-token count over data parallelism before any backward, and each micro-batch
 back-propagates its summed NLL × (grad-accumulation × DP) / global tokens: DeepSpeed divides by the
-accumulation steps and ZeRO averages gradients over DP, which leaves exactly d(step loss)/dθ.
+accumulation steps and ZeRO averages gradients over DP, which leaves exactly d(step loss)/dθ. The
+pipeline mode back-propagates the same scaled sum from its last stage (DeepSpeed's pipeline engine
+divides by the accumulation steps and averages over DP alike), so every layout logs the same loss.
+
+Faults (see `faults`): SIGUSR1/SIGTERM finish the step, save and return {"preempted": True}; a step with
+a non-finite loss or gradient norm is skipped on every rank and counted in train/skipped_steps.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import random
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +34,7 @@ import torch.distributed as dist
 
 from megakor.config import Config, ConfigError, dump_config, validate, validate_model_layout
 from megakor.parallel import build_parallel_state, init_distributed, launch_world_size
-from megakor.train import checkpointing, metrics
+from megakor.train import checkpointing, faults, metrics
 from megakor.train.schedule import lr_from_config
 
 log = logging.getLogger("megakor.train")
@@ -45,9 +51,9 @@ def preflight(cfg: Config, world_size: int):
 
     validate(cfg, world_size)
     p = cfg.parallel
-    if p.pipeline > 1:
-        raise ConfigError(f"parallel.pipeline={p.pipeline}: the pipeline mode is not built yet; "
-                          "use parallel.pipeline=1 (ZeRO-3 over DP × TP)")
+    if p.pipeline > 1 and cfg.train.freeze != "none":
+        raise ConfigError(f"train.freeze={cfg.train.freeze} is not supported in the pipeline mode yet; "
+                          "run that stage with parallel.pipeline=1 (ZeRO-3 over DP × TP)")
     args = resolved_model_args(cfg)
     first_trainable_row(cfg)  # train.freeze needs to know which vocabulary rows are new
     validate_model_layout(cfg, args.num_heads, args.num_kv_heads, args.num_layers)
@@ -148,15 +154,27 @@ def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> d
         # Every DP rank runs the same number of forwards: ZeRO-3 gathers parameters collectively.
         n_batches = math.ceil(math.ceil(len(split.rows) / ps.dp) / micro_batch)
         acc = torch.zeros(2, dtype=torch.float64, device=device)
+        pipeline_batches = []
         for b in range(n_batches):
             rows = mine[b * micro_batch:(b + 1) * micro_batch]
-            if len(rows) == 0:  # this rank ran out: a dummy batch that predicts nothing
-                rows = np.zeros((1, 3, split.rows.shape[-1]), dtype=np.int64)
-                rows[:, 2] = -100
+            if len(rows) == 0 or (ps.pp > 1 and len(rows) < micro_batch):
+                # This rank ran out: dummy rows that predict nothing (pipeline stages exchange activations
+                # of one fixed shape, so there every micro-batch is filled up).
+                n_dummy = micro_batch - len(rows) if ps.pp > 1 else 1
+                dummy = np.zeros((n_dummy, 3, split.rows.shape[-1]), dtype=np.int64)
+                dummy[:, 2] = -100
+                rows = np.concatenate([rows, dummy]) if len(rows) else dummy
             ids, pos, labels = (torch.from_numpy(np.ascontiguousarray(rows[:, j])).to(device) for j in range(3))
-            nll = engine(ids, pos, labels, reduction="sum")
-            acc[0] += nll.double()
+            if ps.pp > 1:
+                pipeline_batches.append((ids, pos, labels))
+            else:
+                nll = engine(ids, pos, labels, reduction="sum")
+                acc[0] += nll.double()
             acc[1] += (labels != -100).sum()
+        if pipeline_batches:
+            from megakor.model.pipeline import run_pipeline
+
+            acc[0] += run_pipeline(engine, pipeline_batches, ps, loss_scale=None)
         dist.all_reduce(acc, group=ps.dp_group)
         nll, tokens = float(acc[0]), int(acc[1])
         out[f"eval/{split.name}_loss"] = nll / max(tokens, 1)
@@ -207,30 +225,64 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(engine, micro_batches: list[dict], ps, device) -> float:
-    """One optimizer step over this rank's micro-batches; returns the step's loss (module docstring)."""
+class StepResult(NamedTuple):
+    loss: float
+    skipped: bool  # non-finite loss or gradient norm: no update on any rank
+    stop: bool  # some rank received SIGUSR1/SIGTERM: save and exit after this step
+
+
+def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lambda: False,
+               inject_nan: bool = False) -> StepResult:
+    """One optimizer step over this rank's micro-batches (module docstring). Between the last forward and
+    its backward all ranks agree whether to skip the step and whether to stop after it (`faults`)."""
     # Collectives on `device`: NCCL reduces only GPU tensors.
     labelled = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
     counts = torch.tensor([float(labelled)], dtype=torch.float64, device=device)
     dist.all_reduce(counts, group=ps.dp_group)
     global_tokens = max(float(counts[0]), 1.0)
     scale = len(micro_batches) * ps.dp / global_tokens  # undoes DeepSpeed's 1/gas and ZeRO's DP average
+    if ps.pp > 1:  # the last stage's loss function back-propagates NLL × scale (megakor.model.pipeline)
+        from megakor.model.pipeline import run_pipeline
+
+        loss_sum = run_pipeline(engine, [(b["input_ids"], b["position_ids"], b["labels"]) for b in micro_batches],
+                                ps, scale)
+        _, stop = faults.agree(True, stop_requested(), device)  # the step is taken: only DeepSpeed can skip it
+        dist.all_reduce(loss_sum, group=ps.dp_group)
+        return StepResult(float(loss_sum) / global_tokens, not engine.was_step_applied(), stop)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for b in micro_batches:
+    nonfinite = stop = False
+    for i, b in enumerate(micro_batches):
         nll = engine(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device), reduction="sum")
+        if inject_nan and i == 0:
+            nll = nll * float("nan")
+        loss_sum += nll.detach().double()
+        if i == len(micro_batches) - 1:
+            nonfinite, stop = faults.agree(bool(torch.isfinite(loss_sum)), stop_requested(), device)
+            if nonfinite:  # NaN gradients on every rank: DeepSpeed's overflow path discards the step everywhere
+                nll = nll * float("nan")
         engine.backward(nll * scale)
         engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
-        loss_sum += nll.detach().double()
+    if nonfinite and engine.was_step_applied():
+        raise faults.NumericalFault("a non-finite step was applied: DeepSpeed discards those only under ZeRO, so the "
+                                    "weights are lost and the run stops without saving; resume from the last "
+                                    "checkpoint with parallel.zero_stage 1, 2 or 3")
     dist.all_reduce(loss_sum, group=ps.dp_group)
-    return float(loss_sum) / global_tokens
+    return StepResult(float(loss_sum) / global_tokens, nonfinite or not engine.was_step_applied(), stop)
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) training as configured; returns {"step", "losses": {step: loss}, "eval": {...}}."""
+    """Run (or resume) training as configured; returns {"step", "losses": {step: loss}, "eval": {...},
+    "preempted": stopped early by SIGUSR1/SIGTERM, after saving}. Raises faults.NumericalFault after
+    train.max_skipped_steps consecutive non-finite steps."""
+    args = preflight(cfg, launch_world_size())
+    with faults.StopSignals() as stop:
+        return _train(cfg, args, stop)
+
+
+def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     from megakor.tokenizer import load_tokenizer
     from megakor.train.engine import build_engine
 
-    args = preflight(cfg, launch_world_size())
     rank, world_size, device = init_distributed()
     ps = build_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
     seed_everything(cfg.train.seed)
@@ -239,6 +291,9 @@ def train(cfg: Config) -> dict:
         f"{cfg.model.init_from} ({args.num_parameters() / 1e6:.1f}M parameters), device {device.type}", flush=True)
 
     engine, _, dtype = build_engine(cfg, ps, device)
+    if ps.pp > 1:
+        say(f"megakor: pipeline stages ({cfg.parallel.pipeline_partition}): {engine.module.describe_stages()}",
+            flush=True)
     batches, eval_sources = build_data(cfg, ps)
     tok_dir = tokenizer_dir(cfg)
     tokenizer = load_tokenizer(tok_dir) if tok_dir and eval_sources else None
@@ -251,9 +306,10 @@ def train(cfg: Config) -> dict:
               for name, src in eval_sources.items()]
 
     step, state = 0, {"consumed_samples": 0, "consumed_tokens": 0, "data": batches.state_dict()}
-    saved = checkpointing.check_resumable(cfg.checkpoint.dir, world_size, ps.tp, ps.pp)
-    if saved is not None:
-        tag = checkpointing.tag_for(saved["step"])
+    tag, skipped = checkpointing.resume_point(cfg.checkpoint.dir, world_size, ps.tp, ps.pp)
+    for reason in skipped if rank == 0 else []:
+        log.warning("megakor: WARNING: skipping checkpoint %s", reason)
+    if tag is not None:
         state = checkpointing.load_checkpoint(engine, cfg.checkpoint.dir, tag)
         step = state["step"]
         batches.load_state_dict(state["data"])
@@ -264,6 +320,8 @@ def train(cfg: Config) -> dict:
     peak = metrics.device_peak_tflops(device, dtype)
     step_tokens = cfg.train.global_batch * cfg.train.seq_len
     losses, last_eval, last_saved = {}, {}, step
+    skips = faults.SkippedSteps(cfg.train.max_skipped_steps, state.get("skipped_steps", 0),
+                                state.get("consecutive_skipped_steps", 0))
 
     def save(at: int):
         checkpointing.save_checkpoint(engine, ps, cfg.checkpoint.dir, at, {**state, "config": cfg.to_dict()},
@@ -275,22 +333,27 @@ def train(cfg: Config) -> dict:
         lr = lr_from_config(cfg, step + 1)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        loss = train_step(engine, [next(batches) for _ in range(engine.gradient_accumulation_steps())], ps, device)
+        result = train_step(engine, [next(batches) for _ in range(engine.gradient_accumulation_steps())], ps, device,
+                            lambda: stop.received is not None, faults.inject_nan(step + 1, rank))
         step += 1
-        losses[step] = loss
-        grad_norm = engine.get_global_grad_norm()  # before clipping
+        loss = losses[step] = result.loss
+        skips.record(result.skipped)
+        grad_norm = None if result.skipped else engine.get_global_grad_norm()  # before clipping
         state.update(consumed_samples=batches.consumed_samples, data=batches.state_dict(),
-                     consumed_tokens=state["consumed_tokens"] + step_tokens)
-        if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                     consumed_tokens=state["consumed_tokens"] + step_tokens, skipped_steps=skips.total,
+                     consecutive_skipped_steps=skips.consecutive)
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or result.skipped:
             perf = metrics.throughput(step_tokens, time.perf_counter() - t0, world_size, flops_token, peak)
             values = {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in perf.items()},
-                      "train/memory_gb": metrics.memory_gb(device)}
+                      "train/memory_gb": metrics.memory_gb(device), "train/skipped_steps": skips.total}
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
             out.scalars(values, step)
             out.info(f"step {step}/{cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm or 0):.3f}"
                      f" | {perf['tokens_per_sec']:.0f} tok/s | {perf['tflops_per_device']:.3f} TFLOP/s/device"
-                     + (f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB")
+                     + (f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB"
+                     + (f" | SKIPPED (non-finite), {skips.consecutive} in a row" if result.skipped else ""))
+        skips.check(step, str(Path(cfg.checkpoint.dir) / checkpointing.tag_for(last_saved)) if last_saved else None)
         if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
             last_eval = evaluate(engine, splits, ps, cfg.train.micro_batch, device)
             out.scalars(last_eval, step)
@@ -298,11 +361,14 @@ def train(cfg: Config) -> dict:
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save(step)
             last_saved = step
+        if result.stop and step < cfg.train.steps:
+            out.info(f"megakor: stop requested (SIGUSR1/SIGTERM) at step {step}: saving, then exiting for requeue")
+            break
     if last_saved != step:
         save(step)
     out.close()
     dist.barrier()
-    return {"step": step, "losses": losses, "eval": last_eval}
+    return {"step": step, "losses": losses, "eval": last_eval, "preempted": step < cfg.train.steps}
 
 
 def _base_hf_config(cfg: Config, args) -> dict:
@@ -320,5 +386,7 @@ def _base_hf_config(cfg: Config, args) -> dict:
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    # DeepSpeed 0.19's ZeRO-3 calls a torch collective that torch 2.13 deprecates, once per step.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+    # DeepSpeed 0.19's ZeRO-3 (and its pipeline's TP-partitioned activations) call torch collectives that
+    # torch 2.13 deprecates.
+    warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*",
+                            category=FutureWarning)

@@ -1,0 +1,113 @@
+"""What a long run must survive: preemption signals and non-finite steps, plus the test hooks that fake both.
+
+Preemption (Slurm's `--signal=B:USR1@180`, a time limit, `scancel`): SIGUSR1 and SIGTERM only set a flag.
+Signals reach ranks at different moments, so the flag is agreed on inside the step, in the same
+all-reduce as the non-finite check: every rank finishes that step, the loop saves a checkpoint (collective)
+and the trainer exits with `requeue_exit_code()`, on which slurm/pretrain.sh requeues the job; the next
+start resumes from the newest complete checkpoint.
+
+Non-finite steps: if any rank's loss is NaN/inf, every rank back-propagates NaN on its last micro-batch, so
+the global gradient norm is NaN everywhere and DeepSpeed's ZeRO optimizer discards the step (that norm is
+its overflow: no weight, AdamW moment or step-count update) on every rank alike. A step DeepSpeed discards
+on its own (finite loss, non-finite gradient norm) counts the same way. The data position still advances:
+the bad batch is not retried. `train.max_skipped_steps` consecutive skips stop the run without saving.
+Without ZeRO (parallel.zero_stage=0) DeepSpeed has no such check and applies the step: the run stops.
+
+Test hooks (environment variables; not for production use):
+  MEGAKOR_INJECT_NAN_STEP=3 or 3,5-7      global rank 0 multiplies its loss by NaN at those steps
+  MEGAKOR_TEST_KILL_DURING_SAVE=STEP      every rank SIGKILLs itself in the middle of writing checkpoint STEP
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+REQUEUE_EXIT = 42  # slurm/pretrain.sh's default for MEGAKOR_REQUEUE_EXIT
+
+
+class NumericalFault(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops and keeps its last checkpoint."""
+
+
+def requeue_exit_code() -> int:
+    """The exit status that asks the batch script to requeue the job."""
+    return int(os.environ.get("MEGAKOR_REQUEUE_EXIT", REQUEUE_EXIT))
+
+
+class StopSignals:
+    """While active, SIGUSR1/SIGTERM set `received` (the signal's name) instead of killing the process."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python's rule for signal handlers
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+def agree(loss_finite: bool, stop_requested: bool, device) -> tuple[bool, bool]:
+    """(some rank's loss is non-finite, some rank was asked to stop), the same on every rank."""
+    flags = torch.tensor([float(not loss_finite), float(stop_requested)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
+
+
+class SkippedSteps:
+    """Counts skipped steps; raises NumericalFault after `limit` in a row (0 = no limit)."""
+
+    def __init__(self, limit: int, total: int = 0, consecutive: int = 0):
+        self.limit, self.total, self.consecutive = limit, total, consecutive
+
+    def record(self, skipped: bool) -> None:
+        self.total += skipped
+        self.consecutive = self.consecutive + 1 if skipped else 0
+
+    def check(self, step: int, last_checkpoint: str | None) -> None:
+        if self.limit and self.consecutive >= self.limit:
+            where = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+            raise NumericalFault(
+                f"steps {step - self.consecutive + 1}-{step} all had a non-finite loss or gradient norm "
+                f"(train.max_skipped_steps={self.limit} in a row); stopped without saving, {where}: lower optim.lr "
+                "or remove the offending data, then resume")
+
+
+# ---- test hooks ----------------------------------------------------------------------------------
+
+def _steps(spec: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
+def inject_nan(step: int, rank: int) -> bool:
+    """Test hook MEGAKOR_INJECT_NAN_STEP: whether this rank poisons its loss at `step` (global rank 0 only,
+    so the other ranks must learn of it from the agreement)."""
+    spec = os.environ.get("MEGAKOR_INJECT_NAN_STEP")
+    return bool(spec) and rank == 0 and step in _steps(spec)
+
+
+def kill_during_save(step: int) -> None:
+    """Test hook MEGAKOR_TEST_KILL_DURING_SAVE: die as a failing node would, half-way through a save."""
+    spec = os.environ.get("MEGAKOR_TEST_KILL_DURING_SAVE")
+    if spec and step in _steps(spec):
+        print(f"megakor: test hook: SIGKILL while writing checkpoint {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
