@@ -17,7 +17,8 @@ from megakor.default_job import DefaultJob, run
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(DefaultJob):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else str, default=f.default)
+        kind = {"int": int, "float": float}.get(f.type, str)  # annotations are strings (PEP 563)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run(DefaultJob(**vars(ns)))

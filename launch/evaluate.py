@@ -2,6 +2,7 @@
 
     python launch/evaluate.py --model HF_DIR --data heldout.jsonl --seq-len 2048 --json out.json
     python launch/evaluate.py --model model.gguf --data ko=ko.jsonl,en=en.jsonl
+    python launch/evaluate.py --model runs/ko/checkpoints --data ko=ko.jsonl     # latest training checkpoint
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from megakor.evaluate import evaluate_file
 from megakor.model import build_model
-from megakor.tokenizer import load_tokenizer
+from megakor.tokenizer import tokenizer_for
 
 
 def parse_data(spec: str) -> dict[str, str]:
@@ -33,7 +34,7 @@ def parse_data(spec: str) -> dict[str, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF checkpoint directory or .gguf file")
+    ap.add_argument("--model", required=True, help="HF checkpoint directory, .gguf file, or a training checkpoint")
     ap.add_argument("--data", required=True, help="JSONL file, or NAME=FILE,NAME=FILE")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     ap.add_argument("--seq-len", type=int, default=2048, help="chunk length L in tokens")
@@ -46,8 +47,8 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, _ = build_model(args.model, device=device)
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        model, ckpt = build_model(args.model, device=device)
+        tokenizer = tokenizer_for(args.model, args.tokenizer, ckpt)
         splits = parse_data(args.data)
         results = {name: evaluate_file(model, tokenizer, path, args.seq_len, args.max_docs, args.batch_size,
                                        args.text_field) for name, path in splits.items()}

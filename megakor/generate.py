@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,18 +281,11 @@ def gguf_tokenizer_and_stops(path: Path, tokenizer_path):
     """For a .gguf: its own tokenizer (as `convert_gguf_to_hf` writes it) and llama.cpp's stop tokens."""
     import gguf
 
-    from megakor.checkpoint.gguf import build_tokenizer, read_metadata
-    from megakor.tokenizer import load_tokenizer
+    from megakor.checkpoint.gguf import read_metadata
+    from megakor.tokenizer import tokenizer_for
 
     metadata = read_metadata(gguf.GGUFReader(path))
-    if tokenizer_path is not None:
-        tokenizer = load_tokenizer(tokenizer_path)
-    else:
-        built, tokenizer_config = build_tokenizer(metadata, path)
-        with tempfile.TemporaryDirectory() as tmp:
-            built.save(os.path.join(tmp, "tokenizer.json"))
-            Path(tmp, "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False))
-            tokenizer = load_tokenizer(tmp)
+    tokenizer = tokenizer_for(path, tokenizer_path)
     # Chat models stop at end-of-turn tokens as well as at EOS (what convert_gguf_to_hf writes).
     eos = [metadata.get(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
     stops = StopTokens(list(dict.fromkeys(i for i in eos if i is not None)),
@@ -315,15 +307,15 @@ def load_for_generation(model_path: str | os.PathLike, tokenizer_path: str | os.
     """(model in eval mode, tokenizer, StopTokens) for an HF or megakor checkpoint directory or a .gguf
     file. A preset name gives a randomly initialised model and needs `tokenizer_path`."""
     from megakor.model import build_model
-    from megakor.tokenizer import load_tokenizer
+    from megakor.tokenizer import load_tokenizer, tokenizer_for
 
     path = Path(model_path)
-    model, _ = build_model(str(model_path), device=device, dtype=dtype)
+    model, ckpt = build_model(str(model_path), device=device, dtype=dtype)
     model.eval()
     if path.suffix == ".gguf":
         tokenizer, stops = gguf_tokenizer_and_stops(path, tokenizer_path)
     elif path.is_dir():
-        tokenizer = load_tokenizer(tokenizer_path or path)
+        tokenizer = tokenizer_for(path, tokenizer_path, ckpt)
         stops = _hf_stops(path, model, tokenizer)
     else:
         if tokenizer_path is None:

@@ -110,5 +110,5 @@ def test_missing_shard_is_named(tmp_path):
 
 
 def test_missing_directory_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing HF checkpoint directory, a .gguf file, nor a preset"):
+    with pytest.raises(FileNotFoundError, match="neither an existing HF checkpoint directory, a .gguf file, a megakor checkpoint, nor a preset"):
         build_model(str(tmp_path / "nope"))

@@ -110,14 +110,17 @@ class HFCheckpoint:
             )
         self.hf_config = json.loads((self.path / "config.json").read_text())
         self.args = from_hf_config(self.hf_config)
+        self.tokenizer_path: Path | None = self.path  # where this model's tokenizer files are
         self._memory: dict[str, torch.Tensor] | None = None
         self._open: dict[str, object] = {}
         self._files = self._index()
 
     @classmethod
-    def from_state_dict(cls, hf_config: dict, state_dict: dict[str, torch.Tensor], path=None) -> "HFCheckpoint":
+    def from_state_dict(cls, hf_config: dict, state_dict: dict[str, torch.Tensor], path=None,
+                        tokenizer_path=None) -> "HFCheckpoint":
         self = cls.__new__(cls)
         self.path = Path(path) if path else None
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else None
         self.hf_config, self.args = hf_config, from_hf_config(hf_config)
         self._memory, self._open = state_dict, {}
         self._files = {k: "<memory>" for k in state_dict}

@@ -12,7 +12,8 @@ from megakor.model.layers import tp_world
 
 
 def open_checkpoint(init_from: str):
-    """An `HFCheckpoint` for an HF directory or a `.gguf` file; None for a size preset."""
+    """An `HFCheckpoint` for an HF directory, a `.gguf` file or a megakor training checkpoint (its model
+    export, merged in memory); None for a size preset."""
     from megakor.checkpoint.hf import HFCheckpoint
 
     if init_from in PRESETS:
@@ -25,11 +26,21 @@ def open_checkpoint(init_from: str):
 
         hf_config, state_dict = load_gguf_state_dict(p)
         return HFCheckpoint.from_state_dict(hf_config, state_dict, path=p)
+    if p.is_dir() and not (p / "config.json").is_file():
+        from megakor.train.checkpointing import is_training_checkpoint, read_export
+
+        if is_training_checkpoint(p):
+            from megakor.checkpoint.hf import to_hf_state_dict
+            from megakor.model.args import to_hf_config
+
+            merged, args, hf_config, tokenizer = read_export(p)
+            return HFCheckpoint.from_state_dict(to_hf_config(args, hf_config), to_hf_state_dict(merged, args),
+                                                path=p, tokenizer_path=tokenizer)
     if p.is_dir():
         return HFCheckpoint(p)
     raise FileNotFoundError(
         f"model.init_from={init_from!r} is neither an existing HF checkpoint directory, a .gguf file, "
-        f"nor a preset ({', '.join(PRESETS)})"
+        f"a megakor checkpoint, nor a preset ({', '.join(PRESETS)})"
     )
 
 

@@ -43,3 +43,31 @@ def load_tokenizer(path: str | os.PathLike):
             tok.bos_token, tok.eos_token = bos, eos
             break
     return tok
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """A GGUF file's own tokenizer, built from its metadata as `convert_gguf_to_hf` writes it."""
+    import json
+    import tempfile
+
+    import gguf
+
+    from megakor.checkpoint.gguf import build_tokenizer, read_metadata
+
+    built, tokenizer_config = build_tokenizer(read_metadata(gguf.GGUFReader(path)), path)
+    with tempfile.TemporaryDirectory() as tmp:
+        built.save(os.path.join(tmp, "tokenizer.json"))
+        Path(tmp, "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False))
+        return load_tokenizer(tmp)
+
+
+def tokenizer_for(model_path: str | os.PathLike, tokenizer_path=None, checkpoint=None):
+    """The tokenizer that goes with a model: `tokenizer_path` when given, else a GGUF file's own, a
+    training checkpoint's exported one (`checkpoint.tokenizer_path`), or the HF directory's."""
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    if Path(model_path).suffix == ".gguf":
+        return gguf_tokenizer(model_path)
+    if checkpoint is not None and getattr(checkpoint, "tokenizer_path", None):
+        return load_tokenizer(checkpoint.tokenizer_path)
+    return load_tokenizer(model_path)

@@ -371,11 +371,12 @@ def resolve_tag_dir(checkpoint: str | os.PathLike) -> Path:
     return p / tag
 
 
-def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Merge a checkpoint's model export into a Hugging Face directory (tokenizer files included)."""
+def read_export(checkpoint: str | os.PathLike) -> tuple[dict, ModelArgs, dict, Path | None]:
+    """(full megakor state dict, ModelArgs, source config.json dict, tokenizer dir or None) of a
+    checkpoint's model export, TP slices and pipeline stages merged in memory."""
     from safetensors.torch import load_file
 
-    from megakor.checkpoint.hf import merge_tp_shards, save_hf_checkpoint
+    from megakor.checkpoint.hf import merge_tp_shards
 
     export = resolve_tag_dir(checkpoint) / EXPORT_DIR
     meta = json.loads((export / "meta.json").read_text())
@@ -394,7 +395,19 @@ def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike
         for f in files:
             shard.update(load_file(str(f)))
         shards.append(shard)
-    merged = merge_tp_shards(shards, args)
     tokenizer = export / "tokenizer"
-    return save_hf_checkpoint(merged, args, out_dir, base_config=meta["hf_config"],
-                              tokenizer_dir=tokenizer if tokenizer.is_dir() else None)
+    return merge_tp_shards(shards, args), args, meta["hf_config"], tokenizer if tokenizer.is_dir() else None
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """A checkpoint.dir (with `latest` or global_step* tags) or one tag directory holding a model export."""
+    p = Path(path)
+    return p.is_dir() and ((p / EXPORT_DIR).is_dir() or (p / "latest").is_file() or any(p.glob("global_step*")))
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge a checkpoint's model export into a Hugging Face directory (tokenizer files included)."""
+    from megakor.checkpoint.hf import save_hf_checkpoint
+
+    merged, args, hf_config, tokenizer = read_export(checkpoint)
+    return save_hf_checkpoint(merged, args, out_dir, base_config=hf_config, tokenizer_dir=tokenizer)
