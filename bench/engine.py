@@ -110,7 +110,7 @@ def run_rank(a) -> None:
 
     # megakor's engine, built as training builds it, its weights read from transformers' state dict.
     ckpt = HFCheckpoint.from_state_dict(hf_json, weights)
-    with mock.patch.object(megakor_engine, "open_weights", lambda *_, **__: ckpt):
+    with mock.patch.object(megakor_engine, "open_weights", lambda *_, c=ckpt, **__: c):
         ours, _, _ = build_engine(cfg, ps, device)
     del weights, ckpt
     theirs, _, _, _ = deepspeed.initialize(model=hf, model_parameters=param_groups(hf, cfg.optim.weight_decay),

@@ -58,4 +58,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad paths, bad options, unreachable downloads
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

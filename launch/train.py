@@ -1,9 +1,10 @@
-"""Continued pretraining under DeepSpeed (ZeRO-3 over data × tensor parallelism).
+"""Continued pretraining under DeepSpeed: ZeRO-3 over data × tensor parallelism, or the pipeline mode
+(parallel.pipeline > 1, ZeRO 0/1) for data × pipeline × tensor parallelism.
 
     # one process (CPU or one GPU)
     python launch/train.py --config configs/runs/tiny_cpu.yaml data.sources="[{path: cache/ko}]"
     # one node, 8 GPUs, TP=2 × DP=4
-    deepspeed --num_gpus 8 launch/train.py --config configs/runs/llama3_8b.yaml parallel.tensor=2
+    deepspeed --num_gpus 8 launch/train.py --config configs/runs/llama3.1_8b_korean.yaml parallel.tensor=2
     # torchrun / Open MPI work the same way
     torchrun --nproc-per-node 2 launch/train.py --config configs/runs/tiny_cpu.yaml
     mpirun -np 2 python launch/train.py --config configs/runs/tiny_cpu.yaml

@@ -1,6 +1,6 @@
 """One typed run configuration: dataclass sections loaded from YAML, with `section.key=value` overrides.
 
-    cfg = load_config("configs/runs/cpu_default.yaml", ["train.steps=20", "data.sources=[{path: x, weight: 1}]"])
+    cfg = load_config("configs/runs/tiny_cpu.yaml", ["train.steps=20", "data.sources=[{path: x, weight: 1}]"])
 
 Override values are parsed as YAML, so numbers, booleans, lists and mappings work on any command line.
 Unknown keys and wrong types are errors naming the key and the nearest valid one. Cross-field rules
@@ -130,7 +130,7 @@ class CheckpointConfig:
     every: int = 0
     """Save every this many steps (0 = only at the end)."""
     keep: int = 2
-    """Checkpoints kept; older ones are removed after a new one is published."""
+    """Checkpoints kept; older ones are removed after a new one is published (0 keeps all)."""
 
 
 @dataclass
@@ -293,6 +293,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                          ("model", "loss_chunk_tokens")):
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{section}.{key} must be at least 1")
+    for section, key in (("train", "eval_every"), ("train", "eval_batches"), ("train", "max_skipped_steps"),  # 0 = off
+                         ("optim", "warmup_steps"), ("optim", "decay_steps"), ("checkpoint", "every"),
+                         ("checkpoint", "keep"), ("data", "workers")):
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"{section}.{key} must be 0 or more")
+    if cfg.logging.log_every < 1:
+        raise ConfigError("logging.log_every must be at least 1")
     p = cfg.parallel
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
@@ -301,8 +308,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"parallel.zero_stage={p.zero_stage} cannot be combined with parallel.pipeline={p.pipeline} "
             "(DeepSpeed supports only ZeRO 0/1 with pipeline parallelism); set parallel.zero_stage=1 or parallel.pipeline=1"
         )
-    if cfg.train.max_skipped_steps < 0:
-        raise ConfigError(f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be 0 (no limit) or more")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params needs parameter partitioning; set parallel.zero_stage=3 "
+                          f"(it is {p.zero_stage}) or parallel.offload_params=false")
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer needs ZeRO; set parallel.zero_stage to 1, 2 or 3 "
+                          "or parallel.offload_optimizer=false")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if world_size is not None:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -66,30 +65,12 @@ def _evaluate(model_dir: Path, splits: dict[str, list[str]], seq_len: int) -> di
     return {name: evaluate_texts(model, tok, texts, seq_len) for name, texts in splits.items()}
 
 
-def _scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from the event files under `tb_dir` (the trainer writes float64 tensors)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
-    out: dict[str, dict[int, float]] = {}
-    for f in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(f)).Load():
-            for v in event.summary.value:
-                if v.HasField("tensor"):
-                    array = tensor_util.make_ndarray(v.tensor)
-                    if array.ndim or array.dtype.kind != "f":  # the config text is not a scalar
-                        continue
-                    value = float(array)
-                else:
-                    value = v.simple_value
-                out.setdefault(v.tag, {})[event.step] = value
-    return out
-
-
 def _train_stage(job: DefaultJob, name: str, init_from: Path, corpora: dict, steps: int, lr: float,
                  freeze: str) -> tuple[Path, dict]:
     """One continued-pretraining stage under the DeepSpeed launcher; returns (HF export, TensorBoard scalars)."""
     from megakor.train.checkpointing import convert_checkpoint
+    from megakor.parallel import free_port
+    from megakor.train.metrics import read_scalars
 
     out = Path(job.out) / name
     ko = f"{{path: {corpora['ko.train']}, weight: {1 - job.english_share}, name: ko}}"
@@ -98,9 +79,7 @@ def _train_stage(job: DefaultJob, name: str, init_from: Path, corpora: dict, ste
                  f"data.sources=[{ko}, {en}]", f"data.cache_dir={Path(job.out) / 'cache'}",
                  f"train.steps={steps}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
                  f"checkpoint.dir={out / 'checkpoints'}", f"logging.tensorboard_dir={out / 'tensorboard'}"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // job.ranks)))
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -108,7 +87,7 @@ def _train_stage(job: DefaultJob, name: str, init_from: Path, corpora: dict, ste
            str(port), str(REPO / "launch" / "train.py"), "--config", job.config, *overrides]
     log.info("%s: %s", name, " ".join(cmd))
     subprocess.run(cmd, check=True, env=env)
-    return convert_checkpoint(out / "checkpoints", out / "hf"), _scalars(out / "tensorboard")
+    return convert_checkpoint(out / "checkpoints", out / "hf"), read_scalars(out / "tensorboard")
 
 
 def _sample(model_dir: Path, prompt: str) -> str:

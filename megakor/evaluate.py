@@ -130,6 +130,9 @@ def evaluate_texts(model, tokenizer, texts: list[str], seq_len: int = 2048, batc
 def evaluate_file(model, tokenizer, path, seq_len: int = 2048, max_docs: int | None = None, batch_size: int = 4,
                   text_field: str = "text") -> dict:
     texts, skipped = read_jsonl_texts(path, text_field, max_docs)
+    if not texts:
+        raise ValueError(f"{path} holds no document to evaluate ({sum(skipped.values())} lines skipped: {skipped}); "
+                         f"check that each line is a JSON object with a '{text_field}' string (--text-field)")
     result = evaluate_texts(model, tokenizer, texts, seq_len, batch_size)
     result["skipped"] = sum(skipped.values())
     result["skipped_reasons"] = skipped

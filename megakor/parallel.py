@@ -193,7 +193,8 @@ def launch_world_size(environ=os.environ) -> int:
     return 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -218,7 +219,7 @@ def _env_from_mpi(environ) -> None:
                            "(or launch with the deepspeed launcher or torchrun)") from None
     comm = MPI.COMM_WORLD
     addr = environ.get("MASTER_ADDR") or (_host_address() if comm.Get_rank() == 0 else None)
-    port = environ.get("MASTER_PORT") or (str(_free_port()) if comm.Get_rank() == 0 else None)
+    port = environ.get("MASTER_PORT") or (str(free_port()) if comm.Get_rank() == 0 else None)
     addr, port = comm.bcast((addr, port), root=0)
     environ.update(RANK=str(comm.Get_rank()), WORLD_SIZE=str(comm.Get_size()), MASTER_ADDR=addr, MASTER_PORT=port,
                    LOCAL_RANK=environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
@@ -235,7 +236,7 @@ def init_distributed(environ=os.environ) -> tuple[int, int, torch.device]:
     if not environ.get("RANK"):
         environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        environ.setdefault("MASTER_PORT", str(_free_port()))
+        environ.setdefault("MASTER_PORT", str(free_port()))
     environ.setdefault("LOCAL_RANK", "0")
     device = device_for(int(environ["LOCAL_RANK"]))
     if device.type == "cuda":

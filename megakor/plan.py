@@ -335,12 +335,6 @@ def plan(cfg: Config, args: ModelArgs, nodes: int, gpus_per_node: int, gpu_memor
     validate(cfg, world_size=world)
     validate_model_layout(cfg, args.num_heads, args.num_kv_heads, args.num_layers)
     p, t = cfg.parallel, cfg.train
-    if p.offload_params and p.zero_stage != 3:
-        raise ConfigError(f"parallel.offload_params needs parameter partitioning; set parallel.zero_stage=3 "
-                          f"(it is {p.zero_stage}) or parallel.offload_params=false")
-    if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer needs ZeRO; set parallel.zero_stage to 1, 2 or 3 "
-                          "or parallel.offload_optimizer=false")
     tp, pp = p.tensor, p.pipeline
     dp = world // (tp * pp)
     gas = t.global_batch // (t.micro_batch * dp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megakor.parallel import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 def rank_env(rank: int, world_size: int, port: int, extra: dict | None = None) -> dict:
@@ -73,21 +69,10 @@ def write_corpus(prefix: Path, n_docs: int, vocab: int, seed: int, eos: int = 1,
 
 
 def read_scalars(tb_dir: str | Path, tag: str) -> dict[int, float]:
-    """{step: value} of one scalar tag from every event file under `tb_dir` (simple or tensor values)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
+    """{step: value} of one scalar tag from every event file under `tb_dir`."""
+    from megakor.train.metrics import read_scalars as read
 
-    out = {}
-    for f in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(f)).Load():
-            for v in event.summary.value:
-                if v.tag != tag:
-                    continue
-                if v.HasField("tensor"):
-                    out[event.step] = float(tensor_util.make_ndarray(v.tensor))
-                else:
-                    out[event.step] = float(v.simple_value)
-    return out
+    return read(tb_dir, tag)
 
 
 def main(argv: list[str]) -> None:

@@ -239,3 +239,16 @@ def test_holdout_documents_split_train_and_eval_disjointly(tmp_path):
     assert got == want  # one epoch of training sees exactly the first 50 documents
     with pytest.raises(ValueError, match="must be smaller"):
         build_datasets([{"path": prefix, "holdout_documents": 60}], None, None, 8, 5, None, 0)
+
+
+def test_trainer_eval_split_reads_only_the_held_out_documents(tmp_path):
+    from megakor.train.loop import eval_split
+
+    docs = random_docs(60, 3, 1000, seed=9)
+    prefix = write_source(tmp_path / "ko", docs)
+    _, evals = build_datasets([{"path": prefix, "holdout_documents": 10}], None, None, 8, 5, str(tmp_path / "c"), 0)
+    split = eval_split("ko", evals["ko"], 16, 0, None, None)
+    assert split.documents == 10
+    used = set(split.rows[:, 0].ravel().tolist()) - {0, EOS}  # minus padding and the chunk-start id
+    held_out = {t for d in docs[50:] for t in d}
+    assert used == held_out  # every held-out document is read, and nothing else

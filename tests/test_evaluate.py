@@ -32,10 +32,12 @@ def _write_jsonl(path, corrupt=False):
     return path
 
 
-def reference_loss(model_dir, texts, seq_len):
-    """The protocol written out plainly: per document [BOS]+ids, chunks of ≤ L, NLL of tokens 2.. of each chunk."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tok = load_tokenizer(model_dir)
+def reference_loss(model_dir, texts, seq_len, model=None, tok=None):
+    """The protocol written out plainly with a transformers model: per document [BOS]+ids, chunks of
+    ≤ L, NLL of tokens 2.. of each chunk. Returns (mean NLL, predicted tokens, summed NLL)."""
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tok = tok or load_tokenizer(model_dir)
     nll, n = 0.0, 0
     for t in texts:
         s = [tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, make_hf_checkpoint
 from dist_utils import check, launch, write_corpus
-from test_evaluate import TEXTS, _write_jsonl
+from test_evaluate import TEXTS, _write_jsonl, reference_loss
 
 
 def _evaluate(model, data, out, seq_len=32):
@@ -54,17 +54,6 @@ def test_smollm2_gguf_loss_equals_transformers(tmp_path):
     got = _evaluate(gguf, data, tmp_path / "r.json", seq_len)
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                             dtype=torch.float32).eval()
-    tok = tokenizer_for(gguf)
-    nll, n = 0.0, 0
-    for t in TEXTS:
-        s = [tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids
-        for i in range(0, len(s), seq_len):
-            c = torch.tensor([s[i:i + seq_len]])
-            if c.shape[1] < 2:
-                continue
-            with torch.no_grad():
-                logp = torch.log_softmax(ref(c).logits[0, :-1].double(), -1)
-            nll -= logp.gather(1, c[0, 1:, None]).sum().item()
-            n += c.shape[1] - 1
+    loss, n, _ = reference_loss(None, TEXTS, seq_len, model=ref, tok=tokenizer_for(gguf))
     assert got["tokens"] == n
-    assert abs(got["loss"] - nll / n) / (nll / n) < 1e-5
+    assert abs(got["loss"] - loss) / loss < 1e-5

@@ -97,12 +97,6 @@ def deepspeed_config(cfg: Config, dp: int, device_type: str) -> dict:
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     gas = t.global_batch // (t.micro_batch * dp)
     bf16 = train_dtype(cfg, device_type) == torch.bfloat16
-    if p.offload_params and p.zero_stage != 3:
-        raise ConfigError(f"parallel.offload_params needs parameter partitioning; set parallel.zero_stage=3 "
-                          f"(it is {p.zero_stage}) or parallel.offload_params=false")
-    if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer needs ZeRO; set parallel.zero_stage to 1, 2 or 3 "
-                          "or parallel.offload_optimizer=false")
     # Fields derived from our config, with the config key that decides each (named in conflicts).
     derived = {
         "train_batch_size": (t.global_batch, f"train.global_batch={t.global_batch}"),
@@ -216,51 +210,67 @@ class RandomInit(HFCheckpoint):
 
 def open_weights(init_from: str, seed: int, tokenizer_path: str | None = None, init_method: str = "subword"):
     """The weight source of `model.init_from`: an HFCheckpoint (directory or GGUF) or a RandomInit;
-    grown to `tokenizer_path`'s vocabulary (new rows by `init_method`) when that tokenizer is larger."""
+    grown to `tokenizer_path`'s vocabulary (new rows by `init_method`) when that tokenizer extends it."""
     if init_from in PRESETS:
         return RandomInit(preset(init_from), seed)
     from megakor.model import open_checkpoint
 
     source = open_checkpoint(init_from)
-    if tokenizer_path and vocab_of(tokenizer_path) > source.args.vocab_size:
+    if grows_vocabulary(init_from, tokenizer_path):
         from megakor.checkpoint.resize import ResizedCheckpoint
 
         source = ResizedCheckpoint(source, init_from, tokenizer_path, init_method, seed)
     return source
 
 
-def vocab_of(tokenizer_path: str) -> int:
+def vocab_of(tokenizer_path) -> int:
     from megakor.tokenizer import load_tokenizer
 
     return len(load_tokenizer(tokenizer_path))
 
 
+def _own_tokenizer(init_from: str) -> Path | None:
+    p = Path(init_from)
+    return p if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()) else None
+
+
+def grows_vocabulary(init_from: str, tokenizer_path: str | None) -> bool:
+    """Whether `tokenizer_path` extends the checkpoint's own tokenizer, so rows must be added at start-up.
+    Compared with the checkpoint's tokenizer, not its row count: Qwen2-style checkpoints carry spare
+    rows, which new tokens must take over with a proper initialisation."""
+    if not tokenizer_path or init_from in PRESETS:
+        return False
+    own = _own_tokenizer(init_from)
+    if own is not None:
+        return vocab_of(tokenizer_path) > vocab_of(own)
+    return vocab_of(tokenizer_path) > model_args(init_from).vocab_size
+
+
 def resolved_model_args(cfg: Config) -> ModelArgs:
-    """`model_args` with the vocabulary grown to `tokenizer.path` when that tokenizer is larger
-    (a vocabulary-extended tokenizer on a base checkpoint: the rows are added at start-up)."""
+    """`model_args` with the vocabulary grown to `tokenizer.path` when that tokenizer extends the
+    checkpoint's (a vocabulary-extended tokenizer on a base checkpoint: the rows are added at start-up)."""
     args = model_args(cfg.model.init_from)
-    if cfg.tokenizer.path and vocab_of(cfg.tokenizer.path) > args.vocab_size:
-        if cfg.model.init_from in PRESETS or not Path(cfg.model.init_from).is_dir():
+    if grows_vocabulary(cfg.model.init_from, cfg.tokenizer.path):
+        if _own_tokenizer(cfg.model.init_from) is None:
             raise ConfigError(
-                f"tokenizer.path={cfg.tokenizer.path} is larger than model.init_from's vocabulary; growing it "
-                "at start-up needs an HF checkpoint directory with its tokenizer (convert a .gguf first)")
-        args = dataclasses.replace(args, vocab_size=vocab_of(cfg.tokenizer.path))
+                f"tokenizer.path={cfg.tokenizer.path} extends model.init_from's vocabulary; growing it at start-up "
+                "needs an HF checkpoint directory with its tokenizer (convert a .gguf with launch/convert.py first)")
+        args = dataclasses.replace(args, vocab_size=max(args.vocab_size, vocab_of(cfg.tokenizer.path)))
     return args
 
 
 def first_trainable_row(cfg: Config) -> int | None:
-    """For train.freeze=new_embeddings_only, the first row that trains: the base vocabulary size,
-    from the extended tokenizer's megakor_extension.json or, when rows are grown at start-up, from the
-    checkpoint. None when nothing is frozen."""
+    """For train.freeze=new_embeddings_only, the first row that trains: the base vocabulary size, from
+    the extended tokenizer's megakor_extension.json or, when rows are grown at start-up, the size of the
+    checkpoint's own tokenizer. None when nothing is frozen."""
     if cfg.train.freeze == "none":
         return None
     from megakor.checkpoint.resize import base_vocab_size
 
-    tok_dir = cfg.tokenizer.path or (cfg.model.init_from if Path(cfg.model.init_from).is_dir() else None)
+    tok_dir = cfg.tokenizer.path or _own_tokenizer(cfg.model.init_from)
     base = base_vocab_size(tok_dir)
-    if base is None and cfg.tokenizer.path and cfg.model.init_from not in PRESETS:
-        original = model_args(cfg.model.init_from).vocab_size
-        base = original if vocab_of(cfg.tokenizer.path) > original else None
+    if base is None and grows_vocabulary(cfg.model.init_from, cfg.tokenizer.path):
+        base = vocab_of(_own_tokenizer(cfg.model.init_from))
     if base is None:
         raise ConfigError(
             "train.freeze=new_embeddings_only needs to know which vocabulary rows are new; extend the tokenizer "

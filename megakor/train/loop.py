@@ -104,8 +104,11 @@ def build_data(cfg: Config, ps):
     """(training micro-batch iterator for this DP rank, {name: eval PackedSource})."""
     from megakor.data.blend import BatchIterator, build_datasets
 
-    train_set, eval_sets = build_datasets(cfg.data.sources, cfg.data.eval, tokenizer_dir(cfg), cfg.train.seq_len,
-                                          cfg.train.seed, cfg.data.cache_dir, cfg.data.workers)
+    try:
+        train_set, eval_sets = build_datasets(cfg.data.sources, cfg.data.eval, tokenizer_dir(cfg), cfg.train.seq_len,
+                                              cfg.train.seed, cfg.data.cache_dir, cfg.data.workers)
+    except ValueError as e:  # duplicate names, hold-out larger than the source, mismatched EOS ids
+        raise ConfigError(str(e)) from None
     return BatchIterator(train_set, cfg.train.micro_batch, cfg.train.global_batch, ps.dp_rank, ps.dp), eval_sets
 
 
@@ -127,7 +130,7 @@ def eval_split(name: str, source, seq_len: int, max_rows: int, bos_id: int | Non
     docs, eos = source.docs, source.docs.eos_id
     start = bos_id if bos_id is not None else eos
     chunks, tokens, characters, n = [], 0, 0, 0
-    for i in range(len(docs)):
+    for i in range(source.first_doc, source.last_doc):  # a held-out range, never the training documents
         if max_rows and n and tokens >= max_rows * seq_len:
             break
         ids = docs[i].tolist()
@@ -162,6 +165,7 @@ def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> d
                 # of one fixed shape, so there every micro-batch is filled up).
                 n_dummy = micro_batch - len(rows) if ps.pp > 1 else 1
                 dummy = np.zeros((n_dummy, 3, split.rows.shape[-1]), dtype=np.int64)
+                dummy[:, 1] = np.arange(dummy.shape[-1])  # one document per row: SDPA's plain causal path
                 dummy[:, 2] = -100
                 rows = np.concatenate([rows, dummy]) if len(rows) else dummy
             ids, pos, labels = (torch.from_numpy(np.ascontiguousarray(rows[:, j])).to(device) for j in range(3))

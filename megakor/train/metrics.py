@@ -75,3 +75,28 @@ def throughput(tokens: int, seconds: float, world_size: int, flops_token: float,
     if peak_tflops:
         out["mfu"] = tflops / peak_tflops
     return out
+
+
+def read_scalars(tb_dir, tag: str | None = None) -> dict:
+    """Scalars back from the TensorBoard event files under `tb_dir` (the trainer writes float64 tensors,
+    other writers simple values): {step: value} for one `tag`, or {tag: {step: value}} for all."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(f)).Load():
+            for v in event.summary.value:
+                if tag is not None and v.tag != tag:
+                    continue
+                if v.HasField("tensor"):
+                    array = tensor_util.make_ndarray(v.tensor)
+                    if array.ndim or array.dtype.kind != "f":  # the resolved config is text, not a scalar
+                        continue
+                    value = float(array)
+                else:
+                    value = float(v.simple_value)
+                out.setdefault(v.tag, {})[event.step] = value
+    return out.get(tag, {}) if tag is not None else out
