@@ -214,9 +214,16 @@ def fetch_deb(package: str, cache: str | os.PathLike | None = None) -> Path:
                 f"apt-get is not available to fetch {package}; download {package}_*.deb from "
                 f"packages.debian.org into {downloads}")
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            _run(["apt-get", "download", package], Path(tmp),
-                 f"run `apt-get update` (as root) where deb.debian.org is reachable, or put "
-                 f"{package}_*.deb into {downloads}")
+            fix = (f"run `apt-get update` (as root) where deb.debian.org is reachable, or put "
+                   f"{package}_*.deb into {downloads}")
+            try:
+                _run(["apt-get", "download", package], Path(tmp), fix)
+            except CorpusUnavailable:
+                if os.geteuid() != 0:
+                    raise
+                # A fresh machine has no package lists yet: fetch them once, as root, and retry.
+                _run(["apt-get", "update", "-qq"], Path(tmp), fix)
+                _run(["apt-get", "download", package], Path(tmp), fix)
             for deb in Path(tmp).glob(f"{package}_*.deb"):
                 os.replace(deb, downloads / deb.name)
         debs = sorted(downloads.glob(f"{package}_*.deb"))

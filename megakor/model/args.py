@@ -67,7 +67,9 @@ class ModelArgs:
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.attention_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * d * self.intermediate_size
+        if self.o_bias:
+            attn += d
+        mlp = 3 * d * self.intermediate_size + (2 * self.intermediate_size + d if self.mlp_bias else 0)
         per_layer = attn + mlp + 2 * d
         n = self.num_layers * per_layer + d
         if include_embedding:

@@ -1,4 +1,5 @@
-"""Grow a model's input embedding and LM head to an extended vocabulary, and freeze the old rows.
+"""Grow a model's input embedding and LM head to an extended vocabulary (stage 1 freezing of the old
+rows is `megakor.model.layers.rows_trainable_from`, applied in the graph).
 
 Plain tensors in, plain tensors out, so the same code serves HF loading, training startup and
 `launch/convert.py`. Weights are [vocab, hidden] as in HF (`embed_tokens.weight`, `lm_head.weight`).
@@ -127,66 +128,3 @@ def resize_embeddings(embed: torch.Tensor, head: torch.Tensor | None, base_token
                          "pass lm_head.weight in HF's [vocab, hidden] layout")
     new_head = resize_rows(head, base_tokenizer, new_tokenizer, method, pad_to_multiple_of, generator, decompositions)
     return new_embed, new_head
-
-
-class FrozenRows:
-    """Keeps rows [0, num_rows) of a parameter exactly unchanged while the rest trains: stage 1 of
-    staged vocabulary training (EEVE), where only the new tokens' embedding and head rows learn.
-
-    Two mechanisms, because AdamW moves a row through two paths:
-    - the gradient: a tensor hook zeroes the old rows' gradient before it is accumulated, so they
-      add nothing to the gradient norm (clipping) or to Adam's moments, and Adam's update
-      m / (sqrt(v) + eps) is exactly 0 for them;
-    - decoupled weight decay, p <- p - lr * wd * p, which AdamW applies whatever the gradient is,
-      and stale moments from an earlier stage in which the rows did train. With `optimizer` given,
-      a step post-hook copies the saved old rows back after every step, so they stay bit-identical
-      whatever the optimizer does. The copy costs num_rows x hidden elements on the parameter's device.
-
-    Under DeepSpeed ZeRO or mixed precision the optimizer updates fp32 master shards that a restore
-    on the module parameter does not reach: there, register the gradient hook only (no optimizer)
-    and put the embedding and head in a parameter group with weight_decay=0. Zero gradient, zero
-    moments and zero decay make the update exactly zero, so nothing needs restoring. Call `remove()`
-    to end the stage."""
-
-    def __init__(self, param: torch.Tensor, num_rows: int, optimizer: torch.optim.Optimizer | None = None):
-        if not param.requires_grad:
-            raise ValueError("the parameter does not require grad, so there is nothing to freeze; "
-                             "pass the trainable embedding or head weight")
-        if not 0 <= num_rows <= param.shape[0]:
-            raise ValueError(f"num_rows={num_rows} is outside [0, {param.shape[0]}]; pass the base "
-                             "tokenizer's size (megakor.tokenizer.extend.full_vocab_size)")
-        self.param, self.num_rows = param, num_rows
-        self._grad_handle = param.register_hook(self._mask_gradient)
-        self._step_handle = None
-        self._saved = None
-        if optimizer is not None:
-            if not any(p is param for group in optimizer.param_groups for p in group["params"]):
-                raise ValueError("the optimizer does not hold this parameter; pass the optimizer that trains it")
-            self._saved = param.detach()[:num_rows].clone()
-            self._step_handle = optimizer.register_step_post_hook(lambda *_: self.restore())
-
-    def _mask_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        if grad.is_sparse:
-            raise ValueError("sparse embedding gradients are not supported; build the embedding with sparse=False")
-        grad = grad.clone()
-        grad[: self.num_rows] = 0
-        return grad
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copy the saved old rows back (runs after every optimizer step when an optimizer was given)."""
-        if self._saved is not None:
-            self.param[: self.num_rows].copy_(self._saved)
-
-    def remove(self) -> None:
-        """Unfreeze: drop the gradient hook, the step hook and the saved copy."""
-        self._grad_handle.remove()
-        if self._step_handle is not None:
-            self._step_handle.remove()
-        self._saved = None
-
-
-def freeze_old_rows(param: torch.Tensor, num_old_rows: int,
-                    optimizer: torch.optim.Optimizer | None = None) -> FrozenRows:
-    """Freeze the first `num_old_rows` rows of an embedding or head parameter; see `FrozenRows`."""
-    return FrozenRows(param, num_old_rows, optimizer)
