@@ -1,5 +1,5 @@
 """Helpers for multi-process tests: start N ranks with env:// variables, a synthetic packed corpus,
-and reading scalars back from TensorBoard event files."""
+and reading a run's exact scalars back from its metrics file."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def write_corpus(prefix: Path, n_docs: int, vocab: int, seed: int, eos: int = 1,
 
 
 def read_scalars(tb_dir: str | Path, tag: str) -> dict[int, float]:
-    """{step: value} of one scalar tag from every event file under `tb_dir`."""
+    """{step: value} of one scalar tag from the run's metrics.jsonl (exact values) under `tb_dir`."""
     from megakor.train.metrics import read_scalars as read
 
     return read(tb_dir, tag)

@@ -193,24 +193,29 @@ def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> d
 # ---- logging -------------------------------------------------------------------------------------
 
 class Logger:
-    """Console lines and TensorBoard scalars, rank 0 only. Scalars are written in float64 so logged
-    losses can be compared bit for bit."""
+    """Console lines, TensorBoard scalars and the metrics file, rank 0 only.
+
+    TensorBoard gets float32 scalars: its default (Rust) loader drops float64 ones, so double-precision
+    scalars would show no curve at all. Exact values go to `metrics.jsonl` beside the event files (see
+    `metrics.MetricsFile`), which is what tests and comparisons read. A resumed run hides what the
+    interrupted one logged after its checkpoint, in both."""
 
     def __init__(self, cfg: Config, rank: int, start_step: int = 0):
-        self.rank, self.writer = rank, None
+        self.rank, self.writer, self.file = rank, None, None
         if rank == 0 and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            # A resumed run hides what the interrupted one logged after its checkpoint.
-            self.writer = SummaryWriter(cfg.logging.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            self.file = metrics.MetricsFile(cfg.logging.tensorboard_dir, resume_step=start_step)
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir, purge_step=start_step + 1)
             text = dump_config(cfg)
             self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
 
     def scalars(self, values: dict, step: int) -> None:
         if self.writer is not None:
             for k, v in values.items():
-                self.writer.add_scalar(k, v, step, new_style=True, double_precision=True)
+                self.writer.add_scalar(k, float(v), step)  # a plain float32 simple_value
             self.writer.flush()
+            self.file.write(step, values)
 
     def info(self, msg: str) -> None:
         if self.rank == 0:
@@ -219,6 +224,7 @@ class Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.file.close()
 
 
 # ---- the loop ------------------------------------------------------------------------------------

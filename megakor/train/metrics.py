@@ -77,26 +77,64 @@ def throughput(tokens: int, seconds: float, world_size: int, flops_token: float,
     return out
 
 
-def read_scalars(tb_dir, tag: str | None = None) -> dict:
-    """Scalars back from the TensorBoard event files under `tb_dir` (the trainer writes float64 tensors,
-    other writers simple values): {step: value} for one `tag`, or {tag: {step: value}} for all."""
+class MetricsFile:
+    """`metrics.jsonl` beside the TensorBoard event files: one JSON line per logged step (and one per
+    evaluation), {"step": N, "time": unix seconds, "<tag>": value, ...}, every value in full precision.
+
+    Appended as the run goes (flushed per line, so a crash loses at most the line being written). On
+    (re)start at `resume_step` the lines of later steps are dropped first, as TensorBoard's purge hides
+    the events an interrupted run logged after its checkpoint; a torn last line is dropped too."""
+
+    NAME = "metrics.jsonl"
+
+    def __init__(self, directory, resume_step: int = 0):
+        import json
+        import os
+        from pathlib import Path
+
+        self.path = Path(directory) / self.NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+                    kept.append(line + "\n")
+            tmp = self.path.with_name(self.NAME + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, step: int, values: dict) -> None:
+        import json
+        import time
+
+        row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in values.items()}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_scalars(directory, tag: str | None = None) -> dict:
+    """Exact scalars of a run from the `metrics.jsonl` under `directory` (its TensorBoard directory):
+    {step: value} for one `tag`, or {tag: {step: value}} for all; a later line of a step wins."""
+    import json
     from pathlib import Path
 
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util import tensor_util
-
     out: dict[str, dict[int, float]] = {}
-    for f in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(f)).Load():
-            for v in event.summary.value:
-                if tag is not None and v.tag != tag:
-                    continue
-                if v.HasField("tensor"):
-                    array = tensor_util.make_ndarray(v.tensor)
-                    if array.ndim or array.dtype.kind != "f":  # the resolved config is text, not a scalar
-                        continue
-                    value = float(array)
-                else:
-                    value = float(v.simple_value)
-                out.setdefault(v.tag, {})[event.step] = value
+    path = Path(directory) / MetricsFile.NAME
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line a running (or killed) job is writing
+            continue
+        for k, v in row.items():
+            if k not in ("step", "time"):
+                out.setdefault(k, {})[row["step"]] = v
     return out.get(tag, {}) if tag is not None else out
