@@ -29,7 +29,8 @@ class ModelConfig:
     init_from: str = "debug"
     """HF checkpoint directory, a .gguf file, or a size preset name (megakor.model.args.PRESETS)."""
     attention: str = "auto"
-    """Attention backend: auto (flash-attn varlen on CUDA when installed, else SDPA), flash, sdpa."""
+    """Attention backend: auto (on CUDA one varlen call per layer over all packed documents: flash-attn's
+    kernel when installed, else torch.nn.attention.varlen; SDPA per document on CPU), flash, varlen, sdpa."""
     dtype: str = "auto"
     """Training dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32."""
     loss_chunk_tokens: int = 1024
@@ -75,6 +76,9 @@ class ParallelConfig:
     """ZeRO-3: keep parameters in CPU memory between uses."""
     pipeline_partition: str = "parameters"
     """How layers are spread over pipeline stages: parameters or uniform (layers)."""
+    zero3_leaf_modules: bool = False
+    """ZeRO-3: treat each decoder block as one leaf module, so its parameters are gathered together by
+    one hook per block instead of one per linear layer (less host time per step, more memory live)."""
 
 
 @dataclass
@@ -121,6 +125,9 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
+    implementation: str = "torch"
+    """torch: torch.optim.AdamW (fused on GPU), nothing compiled at start-up; deepspeed: DeepSpeed's
+    FusedAdam / CPUAdam (offload), JIT-built with nvcc on first use."""
 
 
 @dataclass
@@ -131,6 +138,9 @@ class CheckpointConfig:
     """Save every this many steps (0 = only at the end)."""
     keep: int = 2
     """Checkpoints kept; older ones are removed after a new one is published (0 keeps all)."""
+    save_at_end: bool = True
+    """Save when training ends or is stopped by a signal; false only for throwaway runs and benchmarks
+    (a stop by SIGUSR1/SIGTERM still saves, so it can be resumed)."""
 
 
 @dataclass
@@ -139,6 +149,9 @@ class LoggingConfig:
     """TensorBoard event directory (empty string disables)."""
     log_every: int = 1
     """Console/TensorBoard logging interval in steps."""
+    profile_step: int = 0
+    """Profile this optimizer step with torch.profiler (0 = never): the busiest operators by device and host
+    time go to profile_step<N>.txt beside the event files (rank 0)."""
 
 
 @dataclass
@@ -164,11 +177,12 @@ class Config:
 
 
 _CHOICES = {
-    ("model", "attention"): ("auto", "flash", "sdpa"),
+    ("model", "attention"): ("auto", "flash", "varlen", "sdpa"),
     ("model", "dtype"): ("auto", "bf16", "fp32"),
     ("tokenizer", "new_embedding_init"): ("subword", "mean", "random"),
     ("parallel", "pipeline_partition"): ("parameters", "uniform"),
     ("optim", "schedule"): ("cosine", "wsd", "constant"),
+    ("optim", "implementation"): ("torch", "deepspeed"),
     ("train", "freeze"): ("none", "new_embeddings_only"),
 }
 

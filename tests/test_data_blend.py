@@ -38,7 +38,7 @@ def test_sample_format_on_a_hand_worked_example(tmp_path):
     want = [
         ([a, b, EOS, c], [b, EOS, -100, EOS], [0, 1, 2, 0]),
         ([EOS, d, e, f], [-100, e, f, g], [0, 0, 1, 2]),  # the continued document restarts at 0
-        ([g, EOS, EOS, EOS], [EOS, -100, -100, -100], [0, 1, 0, 0]),  # end-of-epoch padding
+        ([g, EOS, EOS, EOS], [EOS, -100, -100, -100], [0, 1, 0, 1]),  # end-of-epoch padding: one segment
     ]
     for i, (ids, labels, pos) in enumerate(want):
         s = ds[i]
@@ -48,6 +48,10 @@ def test_sample_format_on_a_hand_worked_example(tmp_path):
         assert all(t.dtype == torch.int64 for t in s.values())
     batches = list(eval_batches(ds, 2))
     assert [b["input_ids"].shape for b in batches] == [(2, 4), (1, 4)]
+    # Packing metadata over the flattened batch: documents [a b E] [c] | [E] [d e f] and [g E] [pad pad].
+    assert batches[0]["cu_seqlens"].tolist() == [0, 3, 4, 5, 8] and batches[0]["max_seqlen"] == 3
+    assert batches[0]["cu_seqlens"].dtype == torch.int32
+    assert batches[1]["cu_seqlens"].tolist() == [0, 2, 4] and batches[1]["max_seqlen"] == 2
 
 
 def test_packing_keeps_every_token_once_per_epoch(tmp_path):
@@ -72,10 +76,12 @@ def test_packing_keeps_every_token_once_per_epoch(tmp_path):
             nxt = torch.cat([ids[1:], labels[-1:]])
             assert torch.equal(labels[ids != EOS], nxt[ids != EOS])
             assert bool((labels[ids == EOS] == -100).all())
-            # position_ids restart at 0 at the sample start and right after every EOS.
+            # position_ids restart at 0 at the sample start and right after every EOS; the epoch's padding
+            # (the tail of its last window) is a single segment.
+            real = ds.window(i)[2]
             ref = [0]
             for t in range(1, T):
-                ref.append(0 if ids[t - 1] == EOS else ref[-1] + 1)
+                ref.append(0 if ids[t - 1] == EOS and real[t - 1] else ref[-1] + 1)
             assert pos.tolist() == ref
         assert got == want
         epochs.append(torch.stack(inputs))
@@ -118,7 +124,7 @@ def global_batches(dataset, steps, micro, gbs, dp, consumed=0):
         parts = []
         for it in iters:
             parts += [next(it) for _ in range(it.micro_steps)]
-        out.append({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        out.append({k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "labels", "position_ids")})
     return out, iters
 
 

@@ -12,7 +12,7 @@ import torch
 from megakor.config import ConfigError, load_config
 from megakor.parallel import Topology, launch_world_size
 from megakor.train.engine import RandomInit, deepspeed_config, train_dtype
-from megakor.train.metrics import device_peak_tflops, flops_per_token, matmul_parameters, throughput
+from megakor.train.metrics import device_peak_tflops, flops_per_token, matmul_parameters, step_flops, throughput
 from megakor.train.schedule import lr_at
 
 
@@ -92,7 +92,9 @@ def test_deepspeed_json_follows_our_config():
                                                           "eps": 1e-8, "weight_decay": 0.05}}
     assert "offload_optimizer" not in ds["zero_optimization"]
     gpu = deepspeed_config(_cfg("parallel.offload_optimizer=true", "parallel.offload_params=true"), 1, "cuda")
-    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is False
+    # Offloaded states: torch's AdamW on the CPU copies (no DeepSpeed CPUAdam to build).
+    assert gpu["bf16"]["enabled"] is True and gpu["optimizer"]["params"]["torch_adam"] is True
+    assert "fused" not in gpu["optimizer"]["params"]
     assert gpu["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert gpu["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert train_dtype(_cfg(), "cuda") == torch.bfloat16 and train_dtype(_cfg(), "cpu") == torch.float32
@@ -144,10 +146,14 @@ def test_flops_per_token_counts_matmuls_and_attention():
     assert matmul_parameters(a) == n
     assert flops_per_token(a, 128) == 6 * n + 12 * 2 * 4 * 16 * 128
     assert device_peak_tflops(torch.device("cpu"), torch.bfloat16) is None
-    t = throughput(tokens=1_000_000, seconds=2.0, world_size=4, flops_token=1e9, peak_tflops=250.0)
+    t = throughput(tokens=1_000_000, seconds=2.0, world_size=4, flops=1e15, dense_flops=2e15, peak_tflops=250.0)
     assert t["tokens_per_sec"] == 500_000 and t["tflops_per_device"] == pytest.approx(125.0)
-    assert t["mfu"] == pytest.approx(0.5)
-    assert "mfu" not in throughput(1, 1.0, 1, 1.0, None)
+    assert t["mfu"] == pytest.approx(0.5) and t["mfu_dense_attention"] == pytest.approx(1.0)
+    assert "mfu" not in throughput(1, 1.0, 1, 1.0, 1.0, None)
+    # Attention per document: a row of one 128-token document costs what flops_per_token says; the same
+    # 128 tokens as 4 documents of 32 cost a quarter of the attention.
+    assert step_flops(a, 128, 128 ** 2) == pytest.approx(128 * flops_per_token(a, 128))
+    assert step_flops(a, 128, 4 * 32 ** 2) == pytest.approx(128 * 6 * n + 12 * 2 * 4 * 16 * 4 * 32 ** 2)
 
 
 # ---- weights -------------------------------------------------------------------------------------

@@ -3,9 +3,13 @@
 Packing (Megatron-style, per source): each epoch the source's documents (`ids + [eos]`) are put in a
 seeded random order and concatenated; the stream is cut into windows of T+1 tokens overlapping by
 one (input = first T, labels = last T). The last window of an epoch is padded with EOS (label -100),
-so every token of every document is an input exactly once per epoch; each padding token is a
-one-token segment (position 0, label -100). Windows are then visited in a
-seeded random order.
+so every token of every document is an input exactly once per epoch; the padding is one segment of
+its own (positions from 0, labels -100), so it costs a varlen kernel one document, not one per token.
+Windows are then visited in a seeded random order.
+
+Micro-batches carry their packing metadata (`collate`): `cu_seqlens` (int32 cumulative document
+lengths over the flattened batch) and `max_seqlen` (the longest document, a host int), computed here
+on the host so the model never asks the device where documents start.
 
 Blending: global sample i is assigned to a source by blocks of `BLEND_BLOCK` samples. Up to block k,
 source s has received floor(k * BLEND_BLOCK * w_s) samples (the heaviest source takes the rest), so
@@ -248,7 +252,8 @@ class PackedSource:
             pos += len(piece)
             d += 1
         real[:filled] = True
-        starts[filled:] = True  # each padding EOS is a one-token segment, like any token after an EOS
+        if filled <= T:  # end-of-epoch padding is one segment of its own, never predicted
+            starts[filled] = True
         return tokens, starts, real
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -345,18 +350,21 @@ class BatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> dict:
+        return collate([self.dataset[i] for i in self.skip()])
+
+    def skip(self) -> range:
+        """Move past the next micro-batch without building it; returns its sample indices."""
         if isinstance(self.dataset, PackedSource) and not self.dataset.shuffle:
             if self.consumed_samples + self.global_batch > len(self.dataset):
                 raise StopIteration
         per_rank = self.global_batch // self.dp_size
         first = self.consumed_samples + self.dp_rank * per_rank + self._micro * self.micro_batch
-        batch = collate([self.dataset[i] for i in range(first, first + self.micro_batch)])
         self._micro += 1
         if self._micro == self.micro_steps:  # advance before handing out the step's last micro-batch
             self._micro = 0
             self.consumed_samples += self.global_batch
-        return batch
+        return range(first, first + self.micro_batch)
 
     def state_dict(self) -> dict:
         if self._micro:
@@ -368,8 +376,75 @@ class BatchIterator:
         self._micro = 0
 
 
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+class Prefetcher:
+    """The micro-batches of a `BatchIterator`, built `depth` ahead by a background thread (and pinned in
+    host memory for non-blocking copies to a GPU) while the trainer computes. The wrapped iterator moves
+    only as batches are handed out, so its `state_dict()` is what the trainer consumed, whatever was
+    prefetched: checkpoints resume exactly."""
+
+    _END = object()
+
+    def __init__(self, iterator: BatchIterator, depth: int = 2, pin_memory: bool = False):
+        import queue
+        import threading
+
+        self.iterator = iterator
+        ahead = BatchIterator(iterator.dataset, iterator.micro_batch, iterator.global_batch, iterator.dp_rank,
+                              iterator.dp_size, iterator.consumed_samples)
+        ahead._micro = iterator._micro
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(ahead, pin_memory), name="megakor-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, ahead: BatchIterator, pin_memory: bool) -> None:
+        try:
+            for batch in ahead:
+                if pin_memory:
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if not self._put(batch):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the trainer, raised there
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        self.iterator.skip()
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict:
+    """Stacked [B, T] tensors plus the packing metadata of `megakor.model.attention` (module docstring)."""
+    from megakor.model.attention import cu_seqlens_from_positions
+
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_positions(batch["position_ids"])
+    return batch
 
 
 def eval_batches(dataset: PackedSource, micro_batch: int):

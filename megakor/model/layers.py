@@ -194,9 +194,8 @@ class _ChunkedLMHeadCE(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad else None
         for s in range(0, hidden.shape[0], chunk_tokens):
+            # No skipping of fully ignored chunks: asking the device whether a chunk has labels is a sync.
             h, y, m = hidden[s:s + chunk_tokens], labels[s:s + chunk_tokens], valid[s:s + chunk_tokens]
-            if not m.any():
-                continue
             logits, lse, target_logit, safe, here = _chunk_stats(h, weight, y.clamp_min(0), vocab_start, vocab_size, group)
             total += ((lse - target_logit) * m).sum()
             if needs_grad:

@@ -52,14 +52,14 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(d, args.num_kv_heads * hd, args.attention_bias, tp_group)
         self.o_proj = RowParallelLinear(args.num_heads * hd, d, args.o_bias, tp_group)
 
-    def forward(self, x, cos, sin, position_ids, kv_cache=None):
+    def forward(self, x, cos, sin, position_ids, kv_cache=None, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.local_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.local_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.local_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is None:
-            y = attention(q, k, v, position_ids, self.sliding_window, self.backend)
+            y = attention(q, k, v, position_ids, self.sliding_window, self.backend, cu_seqlens, max_seqlen)
         else:  # generation: attend to this layer's cached keys/values as well (`megakor.generate.KVCache`)
             k, v, past = kv_cache.update(k, v)
             y = cached_attention(q, k, v, past, self.sliding_window)
@@ -86,8 +86,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp_group)
 
-    def forward(self, x, cos, sin, position_ids, kv_cache=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, kv_cache)
+    def forward(self, x, cos, sin, position_ids, kv_cache=None, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, kv_cache, cu_seqlens, max_seqlen)
         return x + self.mlp(self.ffn_norm(x))
 
 
@@ -143,18 +143,21 @@ class Llama(nn.Module):
                     p.normal_(0.0, std, generator=generator)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      kv_cache=None) -> torch.Tensor:
+                      kv_cache=None, cu_seqlens: torch.Tensor | None = None,
+                      max_seqlen: int | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, D]. With a `kv_cache` (generation), `input_ids` continue the
-        cached tokens and `position_ids` must say where; keys/values are appended to the cache."""
+        cached tokens and `position_ids` must say where; keys/values are appended to the cache.
+        `cu_seqlens` / `max_seqlen`: the packed documents, from the data layer (`attention`)."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         x = self.tok_embeddings(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype, max_seqlen)
         for name, block in self.layers.items():
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, position_ids, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, position_ids, None, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
-                x = block(x, cos, sin, position_ids, None if kv_cache is None else kv_cache[name])
+                x = block(x, cos, sin, position_ids, None if kv_cache is None else kv_cache[name], cu_seqlens,
+                          max_seqlen)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -173,8 +176,9 @@ class Llama(nn.Module):
         return lm_head_cross_entropy(hidden.reshape(-1, D), self._head(), labels.reshape(-1),
                                      self.args.vocab_size, self.loss_chunk_tokens, self.tp_group, reduction)
 
-    def forward(self, input_ids, position_ids=None, labels=None, reduction: str = "mean"):
+    def forward(self, input_ids, position_ids=None, labels=None, reduction: str = "mean", cu_seqlens=None,
+                max_seqlen: int | None = None):
         """Logits [B, T, V] without labels; with them the loss over labelled tokens, averaged (mean) or
         summed (sum: the trainer divides by the token count of the whole global batch)."""
-        h = self.hidden_states(input_ids, position_ids)
+        h = self.hidden_states(input_ids, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.logits(h) if labels is None else self.loss(h, labels, reduction)

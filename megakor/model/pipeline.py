@@ -4,10 +4,12 @@
 
 The pipe layers wrap the very modules `Llama` is built from (`VocabParallelEmbedding`, `Block`,
 `RMSNorm`, `ColumnParallelLinear`), so tensor parallelism inside a stage is the same code, on the TP
-group of `megakor.parallel`. What flows between stages is (hidden states, position_ids): the position
-ids are the packed documents, which every block needs for RoPE and its document mask (they are
-integers, so DeepSpeed sends no gradient for them). Labels reach the last stage through the
-pipeline's label tuple: a micro-batch is ((input_ids, position_ids), labels).
+group of `megakor.parallel`. What flows between stages is (hidden states, position_ids, cu_seqlens):
+the packed documents, which every block needs for RoPE and its one varlen attention call (integers,
+so DeepSpeed sends no gradient for them). Stages exchange tensors of one fixed shape, so cu_seqlens
+is padded to B·T + 1 entries with empty documents, and the kernel's longest-document bound is the row
+length T (a bound is all it needs). Labels reach the last stage through the pipeline's label tuple: a
+micro-batch is ((input_ids, position_ids, cu_seqlens), labels).
 
 The head layer returns (hidden, head weight) and `LlamaPipe.loss` computes the vocab-parallel chunked
 cross-entropy from both, as `Llama.loss` does, so [tokens, vocab] logits never exist here either. With
@@ -55,8 +57,8 @@ class EmbeddingPipe(nn.Module):
         self.tok_embeddings = VocabParallelEmbedding(padded_vocab_size(args.vocab_size, tp), args.hidden_size, tp_group)
 
     def forward(self, inputs):
-        input_ids, position_ids = inputs
-        return self.tok_embeddings(input_ids), position_ids
+        input_ids, position_ids, cu_seqlens = inputs
+        return self.tok_embeddings(input_ids), position_ids, cu_seqlens
 
 
 class BlockPipe(nn.Module):
@@ -71,9 +73,10 @@ class BlockPipe(nn.Module):
         self.rope = RotaryEmbedding(args)
 
     def forward(self, inputs):
-        x, position_ids = inputs
-        cos, sin = self.rope(position_ids, x.dtype)
-        return self.layers[str(self.index)](x, cos, sin, position_ids), position_ids
+        x, position_ids, cu_seqlens = inputs
+        cos, sin = self.rope(position_ids, x.dtype, x.shape[1])
+        x = self.layers[str(self.index)](x, cos, sin, position_ids, None, cu_seqlens, x.shape[1])
+        return x, position_ids, cu_seqlens
 
 
 class NormPipe(nn.Module):
@@ -82,8 +85,7 @@ class NormPipe(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, inputs):
-        x, _ = inputs
-        return self.norm(x)
+        return self.norm(inputs[0])
 
 
 class HeadPipe(nn.Module):
@@ -170,15 +172,15 @@ class LlamaPipe(PipelineModule):
         return nll * self.loss_scale
 
 
-def run_pipeline(engine, micro_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ps,
-                 loss_scale: float | None) -> torch.Tensor:
-    """Σ NLL (float64) of this pipeline's micro-batches, each (input_ids, position_ids, labels), returned
+def run_pipeline(engine, micro_batches: list[tuple[torch.Tensor, ...]], ps, loss_scale) -> torch.Tensor:
+    """Σ NLL (float64) of this pipeline's micro-batches, each (input_ids, position_ids, padded cu_seqlens,
+    labels), returned
     on every stage. With a `loss_scale`: one training step, DeepSpeed's 1F1B schedule over all of them
     back-propagating NLL × loss_scale, then the optimizer step (`train_batch`). With None: forward only
     (`eval_batch`). Every rank of the pipeline calls it with the same number of micro-batches."""
     module = engine.module
     module.nll_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-    data = iter([((ids, pos), labels) for ids, pos, labels in micro_batches])
+    data = iter([((ids, pos, cu), labels) for ids, pos, cu, labels in micro_batches])
     if loss_scale is None:
         module.loss_scale = 1.0
         engine.eval_batch(data, num_micro_batches=len(micro_batches), reduce_output=None, bcast_loss=False)

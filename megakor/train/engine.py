@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import copy
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -92,8 +93,71 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def deepspeed_config(cfg: Config, dp: int, device_type: str) -> dict:
-    """The DeepSpeed JSON for this run and data-parallel size, with `deepspeed.config` merged in."""
+def optimizer_params(cfg: Config, device_type: str) -> dict:
+    """How AdamW runs. optim.implementation=torch (the default): torch.optim.AdamW through DeepSpeed's
+    `torch_adam` path, fused (one multi-tensor CUDA kernel) on GPU, so nothing is compiled at start-up;
+    with offloaded optimizer states it runs on the CPU copies. optim.implementation=deepspeed:
+    DeepSpeed's FusedAdam (GPU) or CPUAdam (offload), C++/CUDA extensions it JIT-builds with nvcc on
+    first use (see `prepare_deepspeed_ops`)."""
+    if cfg.optim.implementation == "deepspeed" and device_type == "cuda":
+        return {}
+    params: dict = {"torch_adam": True}
+    if device_type == "cuda" and not cfg.parallel.offload_optimizer:
+        params["fused"] = True
+    return params
+
+
+def zero_settings(cfg: Config, device_type: str, hidden_size: int | None, dp: int) -> dict:
+    """ZeRO bucket, prefetch and persistence sizes for GPUs, from the hidden size h (the rules the HF
+    integration's "auto" values use): reduce bucket h², ZeRO-3 prefetch bucket 0.9·h², parameters
+    under 10·h elements (norms, biases) kept whole instead of gathered per use; communication overlapped
+    with compute, gradients copied into one contiguous buffer. With one data-parallel rank a ZeRO-3
+    partition is the whole parameter, so every parameter is kept whole: gathering it before each use
+    would cost host time and copies and save no memory. DeepSpeed's defaults stay on CPU. Any of them
+    can be overridden from deepspeed.config."""
+    if device_type != "cuda" or hidden_size is None:
+        return {}
+    h = hidden_size
+    out = {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": h * h}
+    if cfg.parallel.zero_stage == 3:
+        persist = 10 * h if dp > 1 else 2**62
+        out.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=persist)
+    return out
+
+
+def sanitized_cuda_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST without the architecture-specific suffixes NVIDIA's images use ("9.0a",
+    "10.0a+PTX" → "9.0", "10.0+PTX"): DeepSpeed's op builder parses each part as an integer and fails
+    on them (DeepSpeed issue #7589)."""
+    return re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", value)
+
+
+def prepare_deepspeed_ops(cfg: Config, device_type: str) -> None:
+    """Before DeepSpeed may JIT-build its Adam (optim.implementation=deepspeed on GPU): nvcc must exist
+    unless the op was prebuilt, and TORCH_CUDA_ARCH_LIST must be in a form its builder parses."""
+    import os
+    import shutil
+
+    if cfg.optim.implementation != "deepspeed" or device_type != "cuda":
+        return
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = sanitized_cuda_arch_list(arch)
+    op = "cpu_adam" if cfg.parallel.offload_optimizer else "fused_adam"
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        installed_ops = {}
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if not installed_ops.get(op) and not shutil.which("nvcc") and not Path(cuda_home, "bin", "nvcc").is_file():
+        raise ConfigError(f"optim.implementation=deepspeed makes DeepSpeed build its {op} op with nvcc, which this "
+                          "machine lacks; set optim.implementation=torch (fused torch AdamW, nothing to build) or "
+                          "install the CUDA toolkit")
+
+
+def deepspeed_config(cfg: Config, dp: int, device_type: str, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON for this run and data-parallel size, with `deepspeed.config` merged in.
+    `hidden_size` sizes the ZeRO buckets on GPUs (`zero_settings`)."""
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     gas = t.global_batch // (t.micro_batch * dp)
     bf16 = train_dtype(cfg, device_type) == torch.bfloat16
@@ -119,10 +183,8 @@ def deepspeed_config(cfg: Config, dp: int, device_type: str) -> dict:
     ds: dict = {
         "steps_per_print": 2**31 - 1,  # megakor logs; DeepSpeed's own step lines would duplicate them
         "wall_clock_breakdown": False,
-        # On CPU the AdamW step is torch's (DeepSpeed's fused/CPU Adam are C++/CUDA extensions that
-        # would be compiled at start-up); on GPU DeepSpeed picks FusedAdam, or CPUAdam when offloading.
-        "optimizer": {"params": {"torch_adam": device_type != "cuda"}},
-        "zero_optimization": {},
+        "optimizer": {"params": optimizer_params(cfg, device_type)},
+        "zero_optimization": zero_settings(cfg, device_type, hidden_size, dp),
     }
     if p.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"pin_memory": device_type == "cuda"}
@@ -377,8 +439,16 @@ def build_engine(cfg: Config, ps, device: torch.device):
     if ps.pp > 1:
         return build_pipeline_engine(cfg, ps, device)
     dtype = train_dtype(cfg, device.type)
-    ds_config = deepspeed_config(cfg, ps.dp, device.type)
+    prepare_deepspeed_ops(cfg, device.type)
+    ds_config = deepspeed_config(cfg, ps.dp, device.type, resolved_model_args(cfg).hidden_size)
     model = build_model(cfg, ps, copy.deepcopy(ds_config), dtype, device)
+    if cfg.parallel.zero3_leaf_modules and cfg.parallel.zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from megakor.model.llama import Block
+
+        # Gather each decoder block's parameters at once (one hook per block, not one per linear layer).
+        set_z3_leaf_modules(model, [Block])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
                                            config=copy.deepcopy(ds_config), mpu=ps)
     # RoPE frequencies in fp32 on the device, whatever zero.Init or DeepSpeed's module cast did to buffers.
@@ -416,8 +486,9 @@ def build_pipeline_engine(cfg: Config, ps, device: torch.device):
     from megakor.parallel import check_deepspeed_grid, deepspeed_topology
 
     dtype = train_dtype(cfg, device.type)
-    ds_config = deepspeed_config(cfg, ps.dp, device.type)
+    prepare_deepspeed_ops(cfg, device.type)
     args = resolved_model_args(cfg)
+    ds_config = deepspeed_config(cfg, ps.dp, device.type, args.hidden_size)
     model = LlamaPipe(args, deepspeed_topology(ps.topology), ps.tp_group_or_none(), cfg.model.attention,
                       cfg.model.loss_chunk_tokens, cfg.model.activation_checkpointing, cfg.parallel.pipeline_partition)
     check_deepspeed_grid(model.mpu(), ps)

@@ -62,11 +62,20 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
-def agree(loss_finite: bool, stop_requested: bool, device) -> tuple[bool, bool]:
-    """(some rank's loss is non-finite, some rank was asked to stop), the same on every rank."""
-    flags = torch.tensor([float(not loss_finite), float(stop_requested)], device=device)
+def agree(loss_finite: bool | torch.Tensor, stop_requested: bool, device,
+          also_read: torch.Tensor | None = None) -> tuple[bool, bool, list[float]]:
+    """(some rank's loss is non-finite, some rank was asked to stop, `also_read`'s values), the same on
+    every rank. `loss_finite` may be a device tensor: it and `also_read` (e.g. the step's reduced loss)
+    come back to the host in this one read, the step's single agreed device→host sync."""
+    if isinstance(loss_finite, torch.Tensor):
+        not_finite = (~loss_finite).to(device=device, dtype=torch.float64).reshape(1)
+    else:
+        not_finite = torch.tensor([float(not loss_finite)], dtype=torch.float64, device=device)
+    flags = torch.cat([not_finite, torch.tensor([float(stop_requested)], dtype=torch.float64, device=device)])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    extra = also_read.to(torch.float64).reshape(-1) if also_read is not None else flags.new_zeros(0)
+    values = torch.cat([flags, extra]).tolist()
+    return bool(values[0]), bool(values[1]), values[2:]
 
 
 class SkippedSteps:

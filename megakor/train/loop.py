@@ -18,12 +18,12 @@ a non-finite loss or gradient norm is skipped on every rank and counted in train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import random
-import time
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megakor.config import Config, ConfigError, dump_config, validate, validate_model_layout
 from megakor.parallel import build_parallel_state, init_distributed, launch_world_size
 from megakor.train import checkpointing, faults, metrics
+from megakor.data.blend import Prefetcher, collate
 from megakor.train.schedule import lr_from_config
 
 log = logging.getLogger("megakor.train")
@@ -168,13 +169,17 @@ def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> d
                 dummy[:, 1] = np.arange(dummy.shape[-1])  # one document per row: SDPA's plain causal path
                 dummy[:, 2] = -100
                 rows = np.concatenate([rows, dummy]) if len(rows) else dummy
-            ids, pos, labels = (torch.from_numpy(np.ascontiguousarray(rows[:, j])).to(device) for j in range(3))
+            host = collate([{"input_ids": torch.from_numpy(r[0]), "position_ids": torch.from_numpy(r[1]),
+                              "labels": torch.from_numpy(r[2])} for r in rows])
+            b = to_device(host, device)
             if ps.pp > 1:
-                pipeline_batches.append((ids, pos, labels))
+                pipeline_batches.append((b["input_ids"], b["position_ids"], pipeline_cu_seqlens(host).to(device),
+                                         b["labels"]))
             else:
-                nll = engine(ids, pos, labels, reduction="sum")
+                nll = engine(b["input_ids"], b["position_ids"], b["labels"], reduction="sum",
+                             cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
                 acc[0] += nll.double()
-            acc[1] += (labels != -100).sum()
+            acc[1] += int((host["labels"] != -100).sum())
         if pipeline_batches:
             from megakor.model.pipeline import run_pipeline
 
@@ -239,45 +244,95 @@ class StepResult(NamedTuple):
     loss: float
     skipped: bool  # non-finite loss or gradient norm: no update on any rank
     stop: bool  # some rank received SIGUSR1/SIGTERM: save and exit after this step
+    attention_square_sum: float  # Σ Lᵢ² over the documents of the global batch (per-document attention FLOPs)
+
+
+def to_device(batch: dict, device) -> dict:
+    """A micro-batch's tensors on `device`: non-blocking from pinned memory on CUDA."""
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def document_square_sum(batch: dict) -> int:
+    """Σ Lᵢ² of a micro-batch's packed documents, from its host-side cu_seqlens."""
+    lengths = batch["cu_seqlens"].diff().long()
+    return int((lengths * lengths).sum())
+
+
+def pipeline_cu_seqlens(batch: dict) -> torch.Tensor:
+    """cu_seqlens padded to B·T + 1 entries (empty documents at the end): pipeline stages exchange tensors
+    of one fixed shape per micro-batch."""
+    cu = batch["cu_seqlens"]
+    n = batch["input_ids"].numel() + 1
+    return torch.cat([cu, cu[-1:].expand(n - cu.numel())]) if cu.numel() < n else cu
 
 
 def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lambda: False,
-               inject_nan: bool = False) -> StepResult:
+               inject_nan: bool = False, timer: metrics.StepTimer | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches (module docstring). Between the last forward and
-    its backward all ranks agree whether to skip the step and whether to stop after it (`faults`)."""
-    # Collectives on `device`: NCCL reduces only GPU tensors.
+    its backward all ranks agree whether to skip the step and whether to stop after it (`faults`); that
+    agreement is the step's one device→host read. Micro-batches arrive on the host (pinned on CUDA)."""
+    # Token counts and document lengths come from the host copies: no device sync.
     labelled = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-    counts = torch.tensor([float(labelled)], dtype=torch.float64, device=device)
-    dist.all_reduce(counts, group=ps.dp_group)
-    global_tokens = max(float(counts[0]), 1.0)
-    scale = len(micro_batches) * ps.dp / global_tokens  # undoes DeepSpeed's 1/gas and ZeRO's DP average
+    square_sum = sum(document_square_sum(b) for b in micro_batches)
+    if ps.dp > 1:  # collectives on `device`: NCCL reduces only GPU tensors; read back with the agreement
+        counts = torch.tensor([float(labelled), float(square_sum)], dtype=torch.float64, device=device)
+        dist.all_reduce(counts, group=ps.dp_group)
+        global_tokens = counts[0].clamp_min(1.0)
+        scale = (len(micro_batches) * ps.dp / global_tokens).float()  # undoes DeepSpeed's 1/gas and ZeRO's DP average
+    else:
+        counts = None
+        global_tokens = float(max(labelled, 1))
+        scale = len(micro_batches) / global_tokens
+    if timer is not None:
+        timer.mark("start")
     if ps.pp > 1:  # the last stage's loss function back-propagates NLL × scale (megakor.model.pipeline)
         from megakor.model.pipeline import run_pipeline
 
-        loss_sum = run_pipeline(engine, [(b["input_ids"], b["position_ids"], b["labels"]) for b in micro_batches],
-                                ps, scale)
-        _, stop = faults.agree(True, stop_requested(), device)  # the step is taken: only DeepSpeed can skip it
+        loss_sum = run_pipeline(engine, [(b["input_ids"].to(device), b["position_ids"].to(device),
+                                          pipeline_cu_seqlens(b).to(device), b["labels"].to(device))
+                                         for b in micro_batches], ps, scale)
         dist.all_reduce(loss_sum, group=ps.dp_group)
-        return StepResult(float(loss_sum) / global_tokens, not engine.was_step_applied(), stop)
+        # The step is taken: only DeepSpeed can skip it.
+        _, stop, values = faults.agree(True, stop_requested(), device, _read(loss_sum, counts))
+        if timer is not None:
+            timer.mark("forward_backward")
+            timer.mark("optimizer")
+        tokens, squares = (values[1], values[2]) if counts is not None else (global_tokens, square_sum)
+        return StepResult(values[0] / max(tokens, 1.0), not engine.was_step_applied(), stop, squares)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     nonfinite = stop = False
-    for i, b in enumerate(micro_batches):
-        nll = engine(b["input_ids"].to(device), b["position_ids"].to(device), b["labels"].to(device), reduction="sum")
+    values = []
+    for i, host in enumerate(micro_batches):
+        b = to_device(host, device)
+        nll = engine(b["input_ids"], b["position_ids"], b["labels"], reduction="sum", cu_seqlens=b["cu_seqlens"],
+                     max_seqlen=b["max_seqlen"])
         if inject_nan and i == 0:
             nll = nll * float("nan")
         loss_sum += nll.detach().double()
         if i == len(micro_batches) - 1:
-            nonfinite, stop = faults.agree(bool(torch.isfinite(loss_sum)), stop_requested(), device)
+            dist.all_reduce(loss_sum, group=ps.dp_group)
+            nonfinite, stop, values = faults.agree(torch.isfinite(loss_sum), stop_requested(), device,
+                                                   _read(loss_sum, counts))
             if nonfinite:  # NaN gradients on every rank: DeepSpeed's overflow path discards the step everywhere
                 nll = nll * float("nan")
         engine.backward(nll * scale)
+        if i == len(micro_batches) - 1 and timer is not None:
+            timer.mark("forward_backward")
         engine.step()  # DeepSpeed steps the optimizer on the last micro-batch only
+    if timer is not None:
+        timer.mark("optimizer")
     if nonfinite and engine.was_step_applied():
         raise faults.NumericalFault("a non-finite step was applied: DeepSpeed discards those only under ZeRO, so the "
                                     "weights are lost and the run stops without saving; resume from the last "
                                     "checkpoint with parallel.zero_stage 1, 2 or 3")
-    dist.all_reduce(loss_sum, group=ps.dp_group)
-    return StepResult(float(loss_sum) / global_tokens, nonfinite or not engine.was_step_applied(), stop)
+    tokens, squares = (values[1], values[2]) if counts is not None else (global_tokens, square_sum)
+    return StepResult(values[0] / max(tokens, 1.0), nonfinite or not engine.was_step_applied(), stop, squares)
+
+
+def _read(loss_sum: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    return loss_sum.reshape(1) if counts is None else torch.cat([loss_sum.reshape(1), counts])
 
 
 def train(cfg: Config) -> dict:
@@ -326,12 +381,14 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         say(f"megakor: resumed from {Path(cfg.checkpoint.dir) / tag} at step {step}", flush=True)
     out = Logger(cfg, rank, step)
     hf_config = _base_hf_config(cfg, args)
-    flops_token = metrics.flops_per_token(args, cfg.train.seq_len)
     peak = metrics.device_peak_tflops(device, dtype)
     step_tokens = cfg.train.global_batch * cfg.train.seq_len
     losses, last_eval, last_saved = {}, {}, step
     skips = faults.SkippedSteps(cfg.train.max_skipped_steps, state.get("skipped_steps", 0),
                                 state.get("consecutive_skipped_steps", 0))
+    gas = engine.gradient_accumulation_steps()
+    feed = Prefetcher(batches, depth=2 * gas, pin_memory=device.type == "cuda")  # two steps ahead
+    timer = metrics.StepTimer(device)
 
     def save(at: int):
         checkpointing.save_checkpoint(engine, ps, cfg.checkpoint.dir, at, {**state, "config": cfg.to_dict()},
@@ -339,29 +396,38 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         out.info(f"megakor: saved checkpoint {Path(cfg.checkpoint.dir) / checkpointing.tag_for(at)}")
 
     while step < cfg.train.steps:
-        t0 = time.perf_counter()
+        timer.begin()
         lr = lr_from_config(cfg, step + 1)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        result = train_step(engine, [next(batches) for _ in range(engine.gradient_accumulation_steps())], ps, device,
-                            lambda: stop.received is not None, faults.inject_nan(step + 1, rank))
+        micro_batches = [next(feed) for _ in range(gas)]
+        timer.data_done()
+        with profiled(cfg, step + 1, rank, device):
+            result = train_step(engine, micro_batches, ps, device, lambda: stop.received is not None,
+                                faults.inject_nan(step + 1, rank), timer)
         step += 1
         loss = losses[step] = result.loss
         skips.record(result.skipped)
-        grad_norm = None if result.skipped else engine.get_global_grad_norm()  # before clipping
         state.update(consumed_samples=batches.consumed_samples, data=batches.state_dict(),
                      consumed_tokens=state["consumed_tokens"] + step_tokens, skipped_steps=skips.total,
                      consecutive_skipped_steps=skips.consecutive)
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps or result.skipped:
-            perf = metrics.throughput(step_tokens, time.perf_counter() - t0, world_size, flops_token, peak)
+            times = timer.finish()  # the device's queue drains here, on logging steps only
+            grad_norm = None if result.skipped else engine.get_global_grad_norm()  # before clipping
+            flops = metrics.step_flops(args, step_tokens, result.attention_square_sum)
+            dense = metrics.step_flops(args, step_tokens, step_tokens * cfg.train.seq_len)
+            perf = metrics.throughput(step_tokens, times["time/step"], world_size, flops, dense, peak)
             values = {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in perf.items()},
-                      "train/memory_gb": metrics.memory_gb(device), "train/skipped_steps": skips.total}
+                      "train/memory_gb": metrics.memory_gb(device), "train/skipped_steps": skips.total, **times}
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
             out.scalars(values, step)
             out.info(f"step {step}/{cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm or 0):.3f}"
                      f" | {perf['tokens_per_sec']:.0f} tok/s | {perf['tflops_per_device']:.3f} TFLOP/s/device"
-                     + (f" | MFU {perf['mfu']:.1%}" if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB"
+                     + (f" | MFU {perf['mfu']:.1%} ({perf['mfu_dense_attention']:.1%} dense-attention)"
+                        if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB"
+                     + f" | step {times['time/step']:.3f}s = data {times['time/data']:.3f} + fwd/bwd "
+                       f"{times['time/forward_backward']:.3f} + optim {times['time/optimizer']:.3f}"
                      + (f" | SKIPPED (non-finite), {skips.consecutive} in a row" if result.skipped else ""))
         skips.check(step, str(Path(cfg.checkpoint.dir) / checkpointing.tag_for(last_saved)) if last_saved else None)
         if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
@@ -374,11 +440,35 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         if result.stop and step < cfg.train.steps:
             out.info(f"megakor: stop requested (SIGUSR1/SIGTERM) at step {step}: saving, then exiting for requeue")
             break
-    if last_saved != step:
+    feed.close()
+    if last_saved != step and (cfg.checkpoint.save_at_end or step < cfg.train.steps):
         save(step)
     out.close()
     dist.barrier()
     return {"step": step, "losses": losses, "eval": last_eval, "preempted": step < cfg.train.steps}
+
+
+@contextlib.contextmanager
+def profiled(cfg: Config, step: int, rank: int, device):
+    """torch.profiler around optimizer step `logging.profile_step`; rank 0 writes the operator tables."""
+    if step != cfg.logging.profile_step or rank != 0 or not cfg.logging.tensorboard_dir:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    text = (f"== step {step}, by {sort}\n" + table.table(sort_by=sort, row_limit=30, max_name_column_width=60)
+            + "\n== by self_cpu_time_total\n" + table.table(sort_by="self_cpu_time_total", row_limit=30,
+                                                            max_name_column_width=60))
+    path = Path(cfg.logging.tensorboard_dir) / f"profile_step{step}.txt"
+    path.write_text(text)
+    print(f"megakor: profile of step {step} written to {path}", flush=True)
 
 
 def _base_hf_config(cfg: Config, args) -> dict:

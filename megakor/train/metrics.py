@@ -45,8 +45,62 @@ def matmul_parameters(args: ModelArgs) -> int:
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token, model FLOPs only."""
+    """Training FLOPs (forward + backward) per token, model FLOPs only, attention dense over seq_len."""
     return 6.0 * matmul_parameters(args) + 12.0 * args.num_layers * args.num_heads * args.head_dim * seq_len
+
+
+def step_flops(args: ModelArgs, tokens: float, attention_square_sum: float) -> float:
+    """Model FLOPs of a training step over `tokens` whose documents have lengths Lᵢ, with attention
+    counted per document: 6·N·tokens + 12·L·H·Q·Σ Lᵢ² (Megatron-Bridge's count for packed batches; the
+    dense-equivalent count, what an unpacked run of rows of T tokens would do, is Σ Lᵢ² = tokens·T)."""
+    return 6.0 * matmul_parameters(args) * tokens + 12.0 * args.num_layers * args.num_heads * args.head_dim * \
+        attention_square_sum
+
+
+class StepTimer:
+    """Where a step's time went: time/data (waiting for micro-batches, host clock), time/forward_backward
+    (from the first forward to the end of the last backward) and time/optimizer (DeepSpeed's step) on
+    the device's own timeline (CUDA events; host clock on CPU), and time/step (the wall time of the whole
+    step, data included). Reading them synchronises with the device once, so `finish` is called only on
+    steps that log."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._t0 = self._data = 0.0
+        self._marks: dict = {}
+
+    def begin(self) -> None:
+        import time
+
+        self._t0, self._marks = time.perf_counter(), {}
+
+    def data_done(self) -> None:
+        import time
+
+        self._data = time.perf_counter() - self._t0
+
+    def mark(self, phase: str) -> None:
+        """`phase` is "start", "forward_backward" or "optimizer": the moment that phase ends."""
+        import time
+
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks[phase] = event
+        else:
+            self._marks[phase] = time.perf_counter()
+
+    def finish(self) -> dict[str, float]:
+        import time
+
+        start, fwd_bwd, opt = (self._marks[k] for k in ("start", "forward_backward", "optimizer"))
+        if self.cuda:
+            opt.synchronize()
+            phases = (start.elapsed_time(fwd_bwd) / 1e3, fwd_bwd.elapsed_time(opt) / 1e3)
+        else:
+            phases = (fwd_bwd - start, opt - fwd_bwd)
+        return {"time/data": self._data, "time/forward_backward": phases[0], "time/optimizer": phases[1],
+                "time/step": time.perf_counter() - self._t0}
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -67,13 +121,18 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
 
 
-def throughput(tokens: int, seconds: float, world_size: int, flops_token: float, peak_tflops: float | None) -> dict:
-    """tokens/s for the whole job, model TFLOP/s per device, and MFU when the peak is known."""
-    tokens_per_sec = tokens / max(seconds, 1e-9)
-    tflops = flops_token * tokens_per_sec / world_size / 1e12
-    out = {"tokens_per_sec": tokens_per_sec, "tflops_per_device": tflops}
+def throughput(tokens: int, seconds: float, world_size: int, flops: float, dense_flops: float,
+               peak_tflops: float | None) -> dict:
+    """tokens/s for the whole job; model TFLOP/s per device and MFU (when the peak is known) with attention
+    counted per document (`flops`), and the same with dense attention over each row (`dense_flops`,
+    suffixed _dense_attention), as reports that ignore packing give it."""
+    seconds = max(seconds, 1e-9)
+    tflops = flops / seconds / world_size / 1e12
+    dense = dense_flops / seconds / world_size / 1e12
+    out = {"tokens_per_sec": tokens / seconds, "tflops_per_device": tflops, "tflops_per_device_dense_attention": dense}
     if peak_tflops:
         out["mfu"] = tflops / peak_tflops
+        out["mfu_dense_attention"] = dense / peak_tflops
     return out
 
 
