@@ -151,6 +151,16 @@ def timed(step, device, warmup: int = 2, iters: int = 5) -> float:
     return statistics.median(times)
 
 
+def timed_with_memory(step, device) -> tuple[float, int]:
+    """(median seconds of `step()`, peak bytes allocated while timing it; 0 off CUDA)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, device)
+    return seconds, torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
 def bare(a, device, attention_backend: str = "auto") -> dict:
     import torch
     import transformers
@@ -200,18 +210,12 @@ def bare(a, device, attention_backend: str = "auto") -> dict:
 
     with torch.no_grad():
         out["loss_megakor"] = float(model(ids, pos, labels, reduction="mean"))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    s = timed(mk_step, device)
-    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    s, mem = timed_with_memory(mk_step, device)
     out["megakor"] = figures(s, dense_flops, mem)
 
     # The LM head + loss in chunks of 4096 tokens instead of 1024 (fewer, larger matmuls; 4x the logits memory).
     model.loss_chunk_tokens = 4096
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    s = timed(mk_step, device)
-    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    s, mem = timed_with_memory(mk_step, device)
     out["megakor_chunk4096"] = figures(s, dense_flops, mem)
     model.loss_chunk_tokens = 1024
 
@@ -224,10 +228,7 @@ def bare(a, device, attention_backend: str = "auto") -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    s = timed(packed_step, device)
-    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    s, mem = timed_with_memory(packed_step, device)
     out["megakor_packed"] = figures(s, step_flops(args, B * T, float((lengths * lengths).sum())), mem)
 
     hf_state = to_hf_state_dict({k: v.detach().to("cpu") for k, v in model.state_dict().items()}, args)
@@ -250,10 +251,7 @@ def bare(a, device, attention_backend: str = "auto") -> dict:
 
     with torch.no_grad():
         out["loss_transformers"] = float(hf(input_ids=ids, labels=hf_labels).loss)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    s = timed(hf_step, device)
-    mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    s, mem = timed_with_memory(hf_step, device)
     out["transformers"] = figures(s, dense_flops, mem)
     del hf
     if device.type == "cuda":

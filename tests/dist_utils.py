@@ -68,6 +68,17 @@ def write_corpus(prefix: Path, n_docs: int, vocab: int, seed: int, eos: int = 1,
     return str(prefix)
 
 
+def write_texts(prefix: Path, tok, texts: list[str], vocab: int) -> str:
+    """A preprocessed source of real texts, tokenised by `tok`, each ending with its EOS."""
+    from megakor.data.indexed import IndexedWriter
+
+    w = IndexedWriter(str(prefix), vocab, tok.eos_token_id)
+    for t in texts:
+        w.add(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    w.finish()
+    return str(prefix)
+
+
 def read_scalars(tb_dir: str | Path, tag: str) -> dict[int, float]:
     """{step: value} of one scalar tag from the run's metrics.jsonl (exact values) under `tb_dir`."""
     from megakor.train.metrics import read_scalars as read

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import make_hf_checkpoint
-from dist_utils import check, free_port, launch, write_corpus
+from dist_utils import check, free_port, launch, write_corpus, write_texts
 from megakor.train.metrics import MetricsFile, read_scalars
 
 CONFIG = "configs/runs/tiny_cpu.yaml"
@@ -34,14 +34,11 @@ TAGS = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "tr
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tb")
     hf = make_hf_checkpoint(root / "hf", "llama3")
-    from megakor.data.indexed import IndexedWriter
     from megakor.tokenizer import load_tokenizer
 
     tok = load_tokenizer(hf)
-    w = IndexedWriter(str(root / "heldout"), 300, tok.eos_token_id)
-    for text in ("대한민국은 민주공화국이다.", "The quick brown fox jumps over the lazy dog.", "모든 국민은 법 앞에 평등하다."):
-        w.add(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    w.finish()
+    write_texts(root / "heldout", tok, ["대한민국은 민주공화국이다.", "The quick brown fox jumps over the lazy dog.",
+                                        "모든 국민은 법 앞에 평등하다."], 300)
     train = write_corpus(root / "train", n_docs=100, vocab=300, seed=0, eos=tok.eos_token_id)
     common = [f"model.init_from={hf}", f"data.sources=[{{path: {train}}}]",
               f"data.eval=[{{path: {root / 'heldout'}, name: ko}}]", f"data.cache_dir={root / 'cache'}",

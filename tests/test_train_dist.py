@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from dist_utils import REPO, check, free_port, launch, rank_env, read_scalars, write_corpus
+from dist_utils import REPO, check, free_port, launch, rank_env, read_scalars, write_corpus, write_texts
 
 CONFIG = "configs/runs/tiny_cpu.yaml"
 # tp2 also reads a DeepSpeed JSON that adds fields and repeats one of ours; tp2dp2 also recomputes
@@ -43,14 +43,10 @@ EVAL_TEXTS = [
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     hf = make_hf_checkpoint(root / "hf", "llama3")
-    from megakor.data.indexed import IndexedWriter
     from megakor.tokenizer import load_tokenizer
 
     tok = load_tokenizer(hf)
-    w = IndexedWriter(str(root / "heldout"), 300, tok.eos_token_id)
-    for t in EVAL_TEXTS:
-        w.add(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    w.finish()
+    write_texts(root / "heldout", tok, EVAL_TEXTS, 300)
     train = write_corpus(root / "train", n_docs=200, vocab=300, seed=0, eos=tok.eos_token_id)
     (root / "ds.json").write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 10000},
                                               "train_micro_batch_size_per_gpu": 1}))

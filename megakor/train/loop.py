@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 from megakor.config import Config, ConfigError, dump_config, validate, validate_model_layout
+from megakor.data.blend import Prefetcher, collate
 from megakor.parallel import build_parallel_state, init_distributed, launch_world_size
 from megakor.train import checkpointing, faults, metrics
-from megakor.data.blend import Prefetcher, collate
 from megakor.train.schedule import lr_from_config
 
 log = logging.getLogger("megakor.train")
@@ -296,7 +296,7 @@ def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lam
         dist.all_reduce(loss_sum, group=ps.dp_group)
         # The step is taken: only DeepSpeed can skip it.
         _, stop, values = faults.agree(True, stop_requested(), device, _read(loss_sum, counts))
-        if timer is not None:
+        if timer is not None:  # DeepSpeed's pipeline runs the schedule and the optimizer step in one call
             timer.mark("forward_backward")
             timer.mark("optimizer")
         tokens, squares = (values[1], values[2]) if counts is not None else (global_tokens, square_sum)
