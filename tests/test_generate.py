@@ -18,7 +18,8 @@ import transformers
 from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
 from megakor.generate import (KVCache, gguf_tokenizer_and_stops, encode_prompt, generate, load_for_generation,
                               top_p_filter)
-from megakor.model import Llama, ModelArgs, build_model
+from megakor.checkpoint.source import build_model
+from megakor.model import Llama, ModelArgs
 
 from conftest import FAMILIES, REPO
 

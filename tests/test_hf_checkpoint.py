@@ -17,7 +17,7 @@ from megakor.checkpoint.hf import (
     merge_tp_shards,
     save_hf_checkpoint,
 )
-from megakor.model import build_model
+from megakor.checkpoint.source import build_model
 
 from conftest import make_hf_checkpoint
 
