@@ -54,7 +54,7 @@ class ModelSource:
             except UnicodeDecodeError:
                 raise self._fail(f"{file} is not UTF-8 JSON; re-download the checkpoint's config.json") from None
             except json.JSONDecodeError as e:
-                raise self._fail(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); the file is truncated or "
+                raise self._fail(f"{file} is not valid JSON ({e.msg}, line {e.lineno}); the file is truncated or "
                                  "edited by hand: re-download the checkpoint's config.json") from None
             if not isinstance(cfg, dict):
                 raise self._fail(f"{file} holds a {type(cfg).__name__}, not a JSON object of model settings")
@@ -125,8 +125,9 @@ class ModelSource:
                 return
             missing = sorted(set(key_map(self.args())) - names)
             if missing:
-                raise self._fail(f"the weight files in {self.path} lack tensor {missing[0]} (and {len(missing) - 1} "
-                                 "more) that its config.json implies; the download is incomplete or config.json "
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise self._fail(f"the weight files in {self.path} lack tensor {missing[0]}{more} that its config.json "
+                                 "implies; the download is incomplete or config.json "
                                  "belongs to another model")
         elif self.kind == "training":
             from megakor.checkpoint.training import EXPORT_DIR
