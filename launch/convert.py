@@ -44,8 +44,11 @@ def main(argv=None) -> int:
                                 if v)
         source = resolve_model_source(spec, flag)  # the same resolver as model.init_from
         if source.kind != kind:
-            raise ConfigError(f"{flag}={spec} is a {source.kind} source, not a {kind} one; pass it with "
-                              f"{dict(training='--checkpoint', gguf='--gguf', hf='--model').get(source.kind, '--model')}")
+            what = {"preset": "a preset", "hf": "an HF directory", "gguf": "a .gguf file", "training": "a training "
+                    "checkpoint"}
+            flags = {"training": "--checkpoint", "gguf": "--gguf", "hf": "--model"}
+            raise ConfigError(f"{flag}={spec} is {what[source.kind]}, not {what[kind]}"
+                              + (f"; pass it with {flags[source.kind]}" if source.kind in flags else ""))
         source.check_files()
         if kind == "training":
             from megakor.train.checkpointing import convert_checkpoint
