@@ -244,9 +244,10 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         if not isinstance(key, str):
             # YAML 1.1 reads `on:`, `yes:`, `no:` as booleans and `100:` as a number.
-            raise ConfigError(f"config key {key!r} {'in section ' + repr(where[:-1]) if where else 'at the top level'} "
-                              f"is not a name but a {'boolean' if isinstance(key, bool) else 'number'}; quote it or fix the line (YAML reads on, off, "
-                              "yes and no as booleans and bare digits as numbers)")
+            place = f"in section '{where[:-1]}'" if where else "at the top level"
+            kind = "boolean" if isinstance(key, bool) else "number"
+            raise ConfigError(f"config key {key!r} {place} is not a name but a {kind}; quote it or fix the line "
+                              "(YAML reads on, off, yes and no as booleans and bare digits as numbers)")
         if key not in names:
             hint = _nearest(key, names)
             raise ConfigError(f"unknown config key '{where}{key}'; did you mean '{where}{hint}'?")

@@ -227,6 +227,6 @@ def test_cli_prints_the_greedy_continuation(loaded, hf_checkpoints, capsys):
     assert "error: choose one of --greedy, sampling (--top-p/--temperature) or --num-beams" in capsys.readouterr().err
     assert main(["--model", str(path.parent / "absent"), "--prompt", "x"]) == 2  # the model.init_from resolver
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --model='{path.parent / 'absent'}' is neither an HF checkpoint directory") \
+    assert err.startswith(f"error: --model='{path.parent / 'absent'}' is neither an existing path") \
         and err.count("\n") == 1, err
 

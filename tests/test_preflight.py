@@ -76,7 +76,8 @@ def inputs(tmp_path_factory):
 
     raw = root / "raw"
     raw.mkdir()
-    (raw / "ko.jsonl").write_text(json.dumps({"text": "대한민국은 민주공화국이다. " * 5}, ensure_ascii=False) + "\n")
+    doc = {"text": "대한민국은 민주공화국이다. " * 5}
+    (raw / "ko.jsonl").write_text(json.dumps(doc, ensure_ascii=False) + "\n")
     unreadable = root / "unreadable"
     unreadable.mkdir()
     (unreadable / "a.jsonl").write_text('{"body": "no text field here"}\nnot json at all\n')
@@ -130,7 +131,8 @@ def cases(x: dict) -> list[tuple[str, list[str], str, str | None]]:
         ("phi3", [f"model.init_from={x['phi3']}", src], "model_type 'phi3' is not supported", None),
         ("truncated config.json", [f"model.init_from={x['truncated_config']}", src],
          f"{x['truncated_config']}/config.json is not valid JSON", None),
-        ("config.json lacks a field", [f"model.init_from={x['no_hidden']}", src], "lacks the field 'hidden_size'", None),
+        ("config.json lacks a field", [f"model.init_from={x['no_hidden']}", src], "lacks the field 'hidden_size'",
+         None),
         ("unsupported activation", [f"model.init_from={x['gelu']}", src], "hidden_act 'gelu' is not supported", None),
         ("corrupt safetensors header", [f"model.init_from={x['corrupt_header']}", src],
          f"{x['corrupt_header']}/model.safetensors", None),
@@ -140,8 +142,8 @@ def cases(x: dict) -> list[tuple[str, list[str], str, str | None]]:
          "checkpoint shard model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing", None),
         ("tensor missing from the weights", [f"model.init_from={x['dropped_tensor']}", src],
          "lack tensor model.layers.1.mlp.down_proj.weight", None),
-        ("init_from does not exist", ["model.init_from=/nonexistent", src], "model.init_from='/nonexistent' is neither",
-         None),
+        ("init_from does not exist", ["model.init_from=/nonexistent", src],
+         "model.init_from='/nonexistent' is neither an existing path nor a preset", None),
         ("init_from is a plain file", [f"model.init_from={x['a_file']}", src], "is a file but not a .gguf file", None),
         ("init_from .gguf missing", [f"model.init_from={root / 'none.gguf'}", src], "none.gguf does not exist", None),
         ("init_from directory of nothing", [f"model.init_from={x['raw']}", src], "holds neither config.json", None),

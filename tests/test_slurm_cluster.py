@@ -1,10 +1,12 @@
 """End-to-end tests of slurm/pretrain.sh on a real (one-node) Slurm cluster.
 
-Bring the cluster up first with `bash .ci/slurm_up.sh` (root, Debian); without it these
-tests skip, except under CI=true, where an unusable cluster (no tools, no controller, its node down,
-drained or not responding) fails them. The first two replace the trainer by a stand-in via MEGAKOR_TRAIN_CMD; the last two run
-the real launch/train.py (configs/runs/tiny_cpu.yaml, 2 CPU tasks): to completion, and interrupted by
-`scancel --signal=USR1 --batch`, requeued and resumed with the uninterrupted job's loss sequence.
+Bring the cluster up first with `bash .ci/slurm_up.sh` (root, Debian); without it these tests
+skip, except under CI=true, where an unusable cluster (no tools, no controller, its node down,
+drained or not responding) fails them. The first two replace the trainer by a stand-in via
+MEGAKOR_TRAIN_CMD; the others run the real launch/train.py (configs/runs/tiny_cpu.yaml, 2 CPU
+tasks): to completion; interrupted by `scancel --signal=USR1 --batch`, requeued and resumed with the
+uninterrupted job's loss sequence; and with rank 0 failing while it loads the weights, which must end
+the job (srun --kill-on-bad-exit=1) with that rank's message in the log.
 """
 
 from __future__ import annotations

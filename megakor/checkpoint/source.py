@@ -194,8 +194,7 @@ def resolve_model_source(spec: str, key: str = "model.init_from") -> ModelSource
         raise ConfigError(f"{key}={spec}: the directory holds neither config.json nor a megakor checkpoint; {choices}")
     if p.exists():
         raise ConfigError(f"{key}={spec} is a file but not a .gguf file; {choices}")
-    raise ConfigError(f"{key}={spec!r} is neither an HF checkpoint directory (with config.json), a .gguf file, "
-                      f"a megakor checkpoint, nor a preset; {choices}")
+    raise ConfigError(f"{key}={spec!r} is neither an existing path nor a preset; {choices}")
 
 
 def safetensors_header(file: Path) -> dict:

@@ -183,8 +183,9 @@ def _check_source(cfg: Config, section: str, spec, args) -> bool:
     except FileNotFoundError as e:
         raise ConfigError(f"{what}: {e}") from None
     if not inputs:
-        raise ConfigError(f"{what} ({spec.path}) holds no file megakor reads ({', '.join(unsupported[:2]) or 'empty'}); "
-                          "give .jsonl, .json, .txt or .parquet files (optionally .gz or .zst) or a preprocessed prefix")
+        found = ", ".join(unsupported[:2]) or "it is empty"
+        raise ConfigError(f"{what} ({spec.path}) holds no file megakor reads ({found}); give .jsonl, .json, .txt "
+                          "or .parquet files (optionally .gz or .zst) or a preprocessed prefix")
     if tokenizer_dir(cfg) is None:
         raise ConfigError(f"{what} ({spec.path}) is not a preprocessed prefix, and there is no tokenizer to "
                           "preprocess it with; set tokenizer.path or preprocess it first")
