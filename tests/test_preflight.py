@@ -74,6 +74,8 @@ def inputs(tmp_path_factory):
         t.pop("model.layers.1.mlp.down_proj.weight")
         save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
 
+    small_vocab = make_hf_checkpoint(root / "small_vocab", "llama3", vocab_size=250)  # its tokenizer has 300
+
     raw = root / "raw"
     raw.mkdir()
     doc = {"text": "대한민국은 민주공화국이다. " * 5}
@@ -101,6 +103,8 @@ def inputs(tmp_path_factory):
         "phi3": variant("phi3", config_edit(model_type="phi3")),
         "no_hidden": variant("no_hidden", config_edit(hidden_size=None)),
         "gelu": variant("gelu", config_edit(hidden_act="gelu")),
+        "other_size": variant("other_size", config_edit(vocab_size=200)),
+        "small_vocab": small_vocab,
         "truncated_config": variant("truncated_config", lambda d: (d / "config.json").write_text(
             (d / "config.json").read_text()[:60])),
         "corrupt_header": variant("corrupt_header", corrupt_header),
@@ -140,6 +144,8 @@ def cases(x: dict) -> list[tuple[str, list[str], str, str | None]]:
          f"{x['truncated_weights']}/model.safetensors is truncated", None),
         ("missing weight shard", [f"model.init_from={x['missing_shard']}", src],
          "checkpoint shard model-00002-of-00002.safetensors listed in model.safetensors.index.json is missing", None),
+        ("config.json of another size", [f"model.init_from={x['other_size']}", src],
+         "config.json implies model.embed_tokens.weight of shape [200, 64] but the weight files hold [300, 64]", None),
         ("tensor missing from the weights", [f"model.init_from={x['dropped_tensor']}", src],
          "lack tensor model.layers.1.mlp.down_proj.weight", None),
         ("init_from does not exist", ["model.init_from=/nonexistent", src],
@@ -152,6 +158,8 @@ def cases(x: dict) -> list[tuple[str, list[str], str, str | None]]:
          f"tokenizer.path={root / 'no_such_tok'} does not exist", None),
         ("tokenizer.path without tokenizer.json", [*on_hf, f"tokenizer.path={x['no_tokenizer']}"],
          f"tokenizer.path={x['no_tokenizer']} holds no tokenizer.json", None),
+        ("tokenizer larger than the embedding", [f"model.init_from={x['small_vocab']}", src],
+         f"own tokenizer ({x['small_vocab']}) has 300 tokens but model.init_from={x['small_vocab']} has 250", None),
         ("data of a larger vocabulary", [f"model.init_from={hf}", f"data.sources=[{{path: {x['big_vocab_prefix']}}}]"],
          "was tokenised with a vocabulary of 1000 tokens but the model has 300", None),
         # config file
@@ -256,3 +264,19 @@ def test_two_real_ranks_exit_2_and_report_once(inputs, tmp_path, name):
     assert text.count(sentence) == 1 and text.count("error: ") == 1, text
     assert seconds < MAX_SECONDS, seconds
     print(f"\n{name}: both ranks exited 2 in {seconds:.1f} s")
+
+
+def test_overrides_on_either_side_of_config_and_home_in_paths(inputs, tmp_path, monkeypatch, capsys):
+    main = train_main()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    # Both sides are read: the sentence needs train.steps (before --config) and optim.warmup_steps (after).
+    assert main(["train.steps=5", "--config", str(REPO / CONFIG), f"data.sources=[{{path: {inputs['prefix']}}}]",
+                 "optim.warmup_steps=9"]) == 2
+    assert capsys.readouterr().err == ("error: optim.warmup_steps=9 is longer than train.steps=5; the peak optim.lr "
+                                       "would never be reached: use at most 5 warmup steps\n")
+    from megakor.config import load_config
+
+    cfg = load_config(REPO / CONFIG, ["checkpoint.dir=~/ck", "data.sources=[{path: ~/data/ko}]"])
+    assert cfg.checkpoint.dir == f"{tmp_path}/ck" and cfg.data.sources == [{"path": f"{tmp_path}/data/ko"}]

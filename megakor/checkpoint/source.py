@@ -120,15 +120,20 @@ class ModelSource:
         if self.kind == "hf":
             from megakor.checkpoint.hf import key_map
 
-            names = _hf_tensor_names(self.path, self._fail)
-            if names is None:  # pytorch_model.bin: no header to read without unpickling
+            shapes = _hf_tensor_shapes(self.path, self._fail)
+            if shapes is None:  # pytorch_model.bin: no header to read without unpickling
                 return
-            missing = sorted(set(key_map(self.args())) - names)
+            args = self.args()
+            missing = sorted(set(key_map(args)) - set(shapes))
             if missing:
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
                 raise self._fail(f"the weight files in {self.path} lack tensor {missing[0]}{more} that its config.json "
                                  "implies; the download is incomplete or config.json "
                                  "belongs to another model")
+            for name, want in _expected_shapes(args).items():
+                if name in shapes and list(shapes[name]) != want:
+                    raise self._fail(f"{self.path}/config.json implies {name} of shape {want} but the weight files "
+                                     f"hold {list(shapes[name])}; config.json belongs to another model")
         elif self.kind == "training":
             from megakor.checkpoint.training import EXPORT_DIR
 
@@ -227,8 +232,17 @@ def safetensors_header(file: Path) -> dict:
     return header
 
 
-def _hf_tensor_names(d: Path, fail) -> set[str] | None:
-    """Tensor names across an HF directory's weight files (every shard present, headers sound);
+def _expected_shapes(args: ModelArgs) -> dict[str, list[int]]:
+    """Shapes config.json implies for the tensors that pin the architecture down (embedding, layer 0)."""
+    d, hd = args.hidden_size, args.head_dim
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    return {"model.embed_tokens.weight": [args.vocab_size, d], f"{attn}.q_proj.weight": [args.num_heads * hd, d],
+            f"{attn}.k_proj.weight": [args.num_kv_heads * hd, d], f"{mlp}.gate_proj.weight": [args.intermediate_size, d],
+            f"{mlp}.down_proj.weight": [d, args.intermediate_size]}
+
+
+def _hf_tensor_shapes(d: Path, fail) -> dict[str, list[int]] | None:
+    """{tensor name: shape} across an HF directory's weight files (every shard present, headers sound);
     None for pickled pytorch_model.bin checkpoints."""
     index = d / "model.safetensors.index.json"
     if index.is_file():
@@ -251,7 +265,7 @@ def _hf_tensor_names(d: Path, fail) -> set[str] | None:
     else:
         raise fail(f"{d} has config.json but no weights (model.safetensors, its index, or pytorch_model.bin); copy "
                    "the weight files into it")
-    names: set[str] = set()
+    shapes: dict[str, list[int]] = {}
     for name in files:
         file = d / name
         if not file.is_file():
@@ -261,8 +275,8 @@ def _hf_tensor_names(d: Path, fail) -> set[str] | None:
             header = safetensors_header(file)
         except (OSError, ValueError) as e:
             raise fail(f"{e}; re-download that file") from None
-        names.update(k for k in header if k != "__metadata__")
-    return names
+        shapes.update((k, v.get("shape")) for k, v in header.items() if k != "__metadata__")
+    return shapes
 
 
 def build_model(spec: str, tp_group=None, attention: str = "auto", loss_chunk_tokens: int = 1024,

@@ -109,9 +109,10 @@ def _check_vocabulary(cfg: Config, args) -> None:
 
     n = vocab_of(tok)
     if n > args.vocab_size:
-        raise ConfigError(f"tokenizer.path={tok} has {n} tokens but model.init_from={cfg.model.init_from} has "
-                          f"{args.vocab_size} embedding rows; use the model's own tokenizer, or a checkpoint directory "
-                          "with its tokenizer so that the rows can be grown at start-up")
+        which = f"tokenizer.path={tok}" if cfg.tokenizer.path else f"model.init_from's own tokenizer ({tok})"
+        raise ConfigError(f"{which} has {n} tokens but model.init_from={cfg.model.init_from} has {args.vocab_size} "
+                          "embedding rows; use the tokenizer the model was trained with, or grow the embeddings to it "
+                          "(launch/convert.py --model DIR --tokenizer TOKENIZER)")
 
 
 # ---- data -----------------------------------------------------------------------------------------
