@@ -37,19 +37,32 @@ def main(argv=None) -> int:
     if args.model and not args.tokenizer:
         ap.error("--model needs --tokenizer (the extended tokenizer directory)")
     try:
-        if args.checkpoint:
+        from megakor.checkpoint.source import resolve_model_source
+
+        flag, spec, kind = next((f, v, k) for f, v, k in (("--checkpoint", args.checkpoint, "training"),
+                                                          ("--gguf", args.gguf, "gguf"), ("--model", args.model, "hf"))
+                                if v)
+        source = resolve_model_source(spec, flag)  # the same resolver as model.init_from
+        if source.kind != kind:
+            what = {"preset": "a preset", "hf": "an HF directory", "gguf": "a .gguf file", "training": "a training "
+                    "checkpoint"}
+            flags = {"training": "--checkpoint", "gguf": "--gguf", "hf": "--model"}
+            raise ConfigError(f"{flag}={spec} is {what[source.kind]}, not {what[kind]}"
+                              + (f"; pass it with {flags[source.kind]}" if source.kind in flags else ""))
+        source.check_files()
+        if kind == "training":
             from megakor.train.checkpointing import convert_checkpoint
 
-            out = convert_checkpoint(args.checkpoint, args.out)
-        elif args.gguf:
+            out = convert_checkpoint(source.path, args.out)
+        elif kind == "gguf":
             from megakor.checkpoint.gguf import convert_gguf_to_hf
 
-            out = convert_gguf_to_hf(args.gguf, args.out)
+            out = convert_gguf_to_hf(source.path, args.out)
         else:
-            from megakor.checkpoint.hf import HFCheckpoint
             from megakor.checkpoint.resize import resize_checkpoint_vocab
 
-            out = resize_checkpoint_vocab(HFCheckpoint(args.model), args.model, args.tokenizer, args.out, args.init)
+            out = resize_checkpoint_vocab(source.open(), source.tokenizer_dir() or source.path, args.tokenizer,
+                                          args.out, args.init)
     except (FileNotFoundError, FileExistsError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

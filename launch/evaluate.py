@@ -15,7 +15,7 @@ import sys
 import torch
 
 from megakor.evaluate import evaluate_file
-from megakor.model import build_model
+from megakor.checkpoint.source import build_model
 from megakor.tokenizer import tokenizer_for
 
 

@@ -10,11 +10,13 @@
     mpirun -np 2 python launch/train.py --config configs/runs/tiny_cpu.yaml
     # Slurm: sbatch slurm/pretrain.sh CONFIG [section.key=value ...]
 
-Any config field can be overridden as section.key=value (values are YAML). Training resumes from the
-newest complete checkpoint in checkpoint.dir. On a machine without a GPU, set DS_ACCELERATOR=cpu.
+Any config field can be overridden as section.key=value (values are YAML), before or after --config.
+Training resumes from the newest complete checkpoint in checkpoint.dir. On a machine without a GPU, set
+DS_ACCELERATOR=cpu.
 Exit status: 0 done; 2 a configuration mistake, reported in one sentence before any process started
-talking; 3 train.max_skipped_steps non-finite steps in a row; $MEGAKOR_REQUEUE_EXIT (default 42) stopped
-by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume.
+talking or any weight was read; 3 train.max_skipped_steps non-finite steps in a row; $MEGAKOR_REQUEUE_EXIT
+(default 42) stopped by SIGUSR1/SIGTERM after saving a checkpoint: run the same command again to resume;
+1 a rank failed: its error is printed once and every rank ends (the launcher stops the others).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ if not torch.cuda.is_available():
 
 from megakor.config import ConfigError, load_config  # noqa: E402
 from megakor.parallel import shutdown_distributed  # noqa: E402
-from megakor.train.faults import NumericalFault, requeue_exit_code  # noqa: E402
+from megakor.train import faults  # noqa: E402
 from megakor.train.loop import setup_logging, train  # noqa: E402
 
 
@@ -42,19 +44,20 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=20")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides on either side of --config
     setup_logging()
     try:
         result = train(load_config(args.config, args.overrides))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NumericalFault as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return faults.report(e, 2)
+    except faults.NumericalFault as e:
+        return faults.report(e, 3)
+    except Exception as e:  # noqa: BLE001 - one rank's failure must end every rank (faults.end_job)
+        faults.end_job(e, 1)
+        return 1
     finally:
         shutdown_distributed()
-    return requeue_exit_code() if result["preempted"] else 0
+    return faults.requeue_exit_code() if result["preempted"] else 0
 
 
 if __name__ == "__main__":

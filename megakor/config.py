@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +81,10 @@ class ParallelConfig:
     zero3_leaf_modules: bool = False
     """ZeRO-3: treat each decoder block as one leaf module, so its parameters are gathered together by
     one hook per block instead of one per linear layer (less host time per step, more memory live)."""
+    timeout_seconds: int = 600
+    """Seconds a collective (or the start-up rendezvous) waits for a missing rank before the job fails
+    (DeepSpeed's default, 600); it must cover the longest gap between collectives (a checkpoint save,
+    raw-data preprocessing on one rank). A rank that raises ends the job at once whatever this says."""
 
 
 @dataclass
@@ -236,6 +242,12 @@ def _build(cls, values: dict, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            # YAML 1.1 reads `on:`, `yes:`, `no:` as booleans and `100:` as a number.
+            place = f"in section '{where[:-1]}'" if where else "at the top level"
+            kind = "boolean" if isinstance(key, bool) else "number"
+            raise ConfigError(f"config key {key!r} {place} is not a name but a {kind}; quote it or fix the line "
+                              "(YAML reads on, off, yes and no as booleans and bare digits as numbers)")
         if key not in names:
             hint = _nearest(key, names)
             raise ConfigError(f"unknown config key '{where}{key}'; did you mean '{where}{hint}'?")
@@ -285,15 +297,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see configs/runs/)")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                              "save it as UTF-8, e.g. iconv -f cp949 -t utf-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"config file {p} is not valid YAML{at} ({getattr(e, 'problem', None) or e}); "
+                              "fix that line") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p} must hold a mapping of sections (model:, train:, ...)")
     values = _merge(values, parse_overrides(overrides or []))
     cfg = _build(Config, values, "")
+    _expand_home(cfg)
     validate(cfg)
     return cfg
+
+
+# Fields that name a path: a `~` there is the user's home (YAML and quoted overrides reach us unexpanded).
+_PATH_FIELDS = (("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir"), ("checkpoint", "dir"),
+                ("logging", "tensorboard_dir"), ("deepspeed", "config"))
+
+
+def _expand_home(cfg: Config) -> None:
+    for section, key in _PATH_FIELDS:
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(getattr(cfg, section), key, os.path.expanduser(value))
+    for entries in (cfg.data.sources, cfg.data.eval):
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("path"), (str, list)):
+                path = entry["path"]
+                entry["path"] = ([os.path.expanduser(x) if isinstance(x, str) else x for x in path]
+                                 if isinstance(path, list) else os.path.expanduser(path))
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -328,9 +365,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if p.offload_optimizer and p.zero_stage == 0:
         raise ConfigError("parallel.offload_optimizer needs ZeRO; set parallel.zero_stage to 1, 2 or 3 "
                           "or parallel.offload_optimizer=false")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    _validate_optim(cfg)
+    if p.timeout_seconds < 1:
+        raise ConfigError(f"parallel.timeout_seconds={p.timeout_seconds} must be at least 1 (seconds)")
     if world_size is not None:
+        validate_schedule(cfg)
         model_parallel = p.tensor * p.pipeline
         if world_size % model_parallel:
             raise ConfigError(
@@ -344,6 +383,42 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} × "
                 f"data-parallel size {dp}; use a multiple of {t.micro_batch * dp}"
             )
+
+
+def _validate_optim(cfg: Config) -> None:
+    """Optimizer values and their relations to each other."""
+    o, t = cfg.optim, cfg.train
+    for key in ("lr", "min_lr", "weight_decay", "eps"):
+        value = getattr(o, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"optim.{key}={value} must be a finite number of 0 or more")
+    if o.eps == 0:
+        raise ConfigError("optim.eps=0 divides by zero in AdamW's update; use a small positive value such as 1e-8")
+    if o.min_lr > o.lr and o.schedule != "constant":
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}; optim.schedule={o.schedule} decays "
+                          "from lr down to min_lr, so set min_lr at most lr")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers, got {o.betas}")
+    for i, beta in enumerate(o.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas[{i}]={beta} is outside [0, 1); AdamW's betas are decay rates such as "
+                              "[0.9, 0.95]")
+    if not math.isfinite(t.grad_clip) or t.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip} must be a finite norm of 0 or more (0 disables clipping)")
+
+
+def validate_schedule(cfg: Config) -> None:
+    """The schedule against train.steps (checked for a training run, not when a tool only reads a config)."""
+    o, t = cfg.optim, cfg.train
+    if o.warmup_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}; the peak "
+                          f"optim.lr would never be reached: use at most {t.steps} warmup steps")
+    if o.schedule == "wsd" and o.warmup_steps + o.decay_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} + optim.decay_steps={o.decay_steps} is longer than "
+                          f"train.steps={t.steps}; shorten them so that warmup and decay fit in the run")
+    if o.schedule != "wsd" and o.decay_steps:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps} applies to optim.schedule=wsd only (it is "
+                          f"{o.schedule}); remove it or set optim.schedule=wsd")
 
 
 def validate_model_layout(cfg: Config, num_heads: int, num_kv_heads: int, num_layers: int) -> None:

@@ -57,7 +57,7 @@ def _read_jsonl(path: Path, max_chars: int) -> list[str]:
 
 def _evaluate(model_dir: Path, splits: dict[str, list[str]], seq_len: int) -> dict[str, dict]:
     from megakor.evaluate import evaluate_texts
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
     from megakor.tokenizer import load_tokenizer
 
     model, _ = build_model(str(model_dir))
@@ -93,7 +93,7 @@ def _train_stage(job: DefaultJob, name: str, init_from: Path, corpora: dict, ste
 def _sample(model_dir: Path, prompt: str) -> str:
     """A greedy Korean continuation, KV-cached, from the exported model."""
     from megakor.generate import generate
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
     from megakor.tokenizer import load_tokenizer
 
     model, _ = build_model(str(model_dir))

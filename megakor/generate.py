@@ -306,7 +306,7 @@ def load_for_generation(model_path: str | os.PathLike, tokenizer_path: str | os.
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer, StopTokens) for an HF or megakor checkpoint directory or a .gguf
     file. A preset name gives a randomly initialised model and needs `tokenizer_path`."""
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
     from megakor.tokenizer import load_tokenizer, tokenizer_for
 
     path = Path(model_path)

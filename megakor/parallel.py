@@ -18,6 +18,7 @@ because they talk on every layer: on a GPU node they share NVLink.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
@@ -229,8 +230,10 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_distributed(environ=os.environ) -> tuple[int, int, torch.device]:
-    """Join (or start) the default process group; returns (rank, world_size, device). Idempotent."""
+def init_distributed(environ=os.environ, timeout_seconds: int | None = None) -> tuple[int, int, torch.device]:
+    """Join (or start) the default process group; returns (rank, world_size, device). Idempotent.
+    `timeout_seconds` (parallel.timeout_seconds) bounds the rendezvous and every collective: a rank that
+    waits longer for a peer fails instead of holding the allocation (torch's default is 30 minutes)."""
     if not environ.get("RANK") and environ.get("OMPI_COMM_WORLD_SIZE"):
         _env_from_mpi(environ)
     if not environ.get("RANK"):
@@ -244,8 +247,9 @@ def init_distributed(environ=os.environ) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         import deepspeed
 
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_seconds)} if timeout_seconds else {}
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+                                   auto_mpi_discovery=False, verbose=False, **kwargs)
     return dist.get_rank(), dist.get_world_size(), device
 
 

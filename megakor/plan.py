@@ -399,10 +399,10 @@ def resolve_model_args(cfg: Config, arch: str | None = None, vocab_size: int | N
     preset), else from the `arch` preset; the vocabulary grown to `vocab_size` or to tokenizer.path's."""
     init = cfg.model.init_from
     notes = []
-    if init in PRESETS or Path(init).exists():
-        from megakor.train.engine import model_args
+    if init in PRESETS or Path(init).expanduser().exists():
+        from megakor.checkpoint.source import resolve_model_source
 
-        args, name = model_args(init), init
+        args, name = resolve_model_source(init).args(), init
         if arch:
             notes.append(f"--arch {arch} ignored: model.init_from={init} exists here and was read instead")
     elif arch is None:

@@ -29,7 +29,8 @@
 # An exit code alone never requeues (only with a cluster-wide RequeueExit=, which we don't
 # rely on). Slurm holds a requeued job for AuthInfo cred_expire (default 120 s) before it
 # can start again. Any other code ends the job: 0 done, 2 a configuration mistake, 3 too many
-# non-finite steps in a row (train.max_skipped_steps), others a crash.
+# non-finite steps in a row (train.max_skipped_steps), others a crash (1: a rank failed; its error is
+# in the log once, and srun --kill-on-bad-exit=1 has ended the other tasks).
 #
 # Test hook: MEGAKOR_TRAIN_CMD="shell command" replaces `python launch/train.py`; it runs via
 # `bash -c` with "--config CONFIG overrides..." as its positional arguments ("$@").
@@ -76,9 +77,24 @@ say "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELI
     "master $MASTER_ADDR:$MASTER_PORT world $WORLD_SIZE gpus/node $ngpu: ${cmd[*]}"
 
 # srun in Slurm >= 22.05 does not inherit --cpus-per-task from sbatch: pass it explicitly.
-# Per-task rank variables only exist inside the step, hence the small bash -c wrapper.
-srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
-  'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' \
+# --kill-on-bad-exit=1: a task that exits non-zero (a failed rank prints its error and leaves at once)
+# ends every other task of the step, instead of leaving them in a collective until the process-group
+# timeout with the whole allocation held.
+# Per-task rank variables only exist inside the step, hence the small bash -c wrapper. It reports the
+# requeue code as 0 (and rank 0 leaves a mark for this shell, on the same node): otherwise the first rank
+# to exit with it would get the others, still leaving after the save, killed, and srun would report
+# their signal instead. The trainer handles USR1/TERM itself; the wrapper only outlives them.
+export MEGAKOR_REQUEUE_MARK=${TMPDIR:-/tmp}/megakor-requeue-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}
+rm -f "$MEGAKOR_REQUEUE_MARK"
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" bash -c \
+  'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+   trap : USR1 TERM
+   "$@"; rc=$?
+   if (( rc == MEGAKOR_REQUEUE_EXIT )); then
+     if (( RANK == 0 )); then : >"$MEGAKOR_REQUEUE_MARK"; fi
+     exit 0
+   fi
+   exit $rc' \
   megakor "${cmd[@]}" &
 srun_pid=$!
 
@@ -89,6 +105,7 @@ trap 'forward TERM' TERM
 # `wait` returns early (>128) whenever a trapped signal arrives: keep waiting for srun.
 rc=0; wait "$srun_pid" || rc=$?
 while kill -0 "$srun_pid" 2>/dev/null; do rc=0; wait "$srun_pid" || rc=$?; done
+if [[ -e $MEGAKOR_REQUEUE_MARK ]]; then rc=$REQUEUE_EXIT; rm -f "$MEGAKOR_REQUEUE_MARK"; fi
 
 if (( rc == REQUEUE_EXIT )); then
   say "trainer asked for requeue (exit $rc): scontrol requeue $SLURM_JOB_ID"

@@ -18,7 +18,8 @@ import transformers
 from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
 from megakor.generate import (KVCache, gguf_tokenizer_and_stops, encode_prompt, generate, load_for_generation,
                               top_p_filter)
-from megakor.model import Llama, ModelArgs, build_model
+from megakor.checkpoint.source import build_model
+from megakor.model import Llama, ModelArgs
 
 from conftest import FAMILIES, REPO
 
@@ -220,6 +221,12 @@ def test_cli_prints_the_greedy_continuation(loaded, hf_checkpoints, capsys):
         expected = ref.generate(ids, max_new_tokens=8, do_sample=False)
     assert main(["--model", str(path), "--prompt", "대한민국은", "--max-new-tokens", "8", "--greedy"]) == 0
     assert capsys.readouterr().out == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         main(["--model", str(path), "--prompt", "x", "--num-beams", "2", "--top-p", "0.9"])
+    assert exited.value.code == 2  # argparse's usage error
+    assert "error: choose one of --greedy, sampling (--top-p/--temperature) or --num-beams" in capsys.readouterr().err
+    assert main(["--model", str(path.parent / "absent"), "--prompt", "x"]) == 2  # the model.init_from resolver
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model='{path.parent / 'absent'}' is neither an existing path") \
+        and err.count("\n") == 1, err
 

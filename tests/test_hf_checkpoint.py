@@ -17,7 +17,7 @@ from megakor.checkpoint.hf import (
     merge_tp_shards,
     save_hf_checkpoint,
 )
-from megakor.model import build_model
+from megakor.checkpoint.source import build_model
 
 from conftest import make_hf_checkpoint
 
@@ -110,5 +110,9 @@ def test_missing_shard_is_named(tmp_path):
 
 
 def test_missing_directory_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing HF checkpoint directory, a .gguf file, a megakor checkpoint, nor a preset"):
+    from megakor.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--model='.*/nope' is neither an existing path nor a preset; use an HF "
+                                          r"checkpoint directory \(with config.json\), a .gguf file, a megakor "
+                                          r"checkpoint.dir, or a preset \(debug, "):
         build_model(str(tmp_path / "nope"))

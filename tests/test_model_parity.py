@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from megakor.model import build_model
+from megakor.checkpoint.source import build_model
 
 from conftest import FAMILIES
 

@@ -37,7 +37,7 @@ def _cases(tmp_path):
         (2, [f"deepspeed.config={ds}"], "sets train_micro_batch_size_per_gpu=4 but train.micro_batch=1 gives 1"),
         (2, ["parallel.zero_stage=2", "parallel.offload_params=true"], "parallel.offload_params needs parameter "
                                                                        "partitioning; set parallel.zero_stage=3"),
-        (1, ["model.init_from=/nonexistent"], "model.init_from='/nonexistent' is neither an HF checkpoint directory"),
+        (1, ["model.init_from=/nonexistent"], "model.init_from='/nonexistent' is neither an existing path nor a preset"),
         (1, [], "data.sources is empty; list at least one"),
         (1, ["data.sources=[{path: /nonexistent/raw.jsonl}]"], "input /nonexistent/raw.jsonl matches no file or directory"),
         (1, [f"data.sources=[{{path: {ds}}}]"], "is not a preprocessed prefix, and there is no tokenizer"),

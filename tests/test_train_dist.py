@@ -57,11 +57,12 @@ def work(tmp_path_factory):
 
 def run_overrides(work, layout: str, kind: str) -> list[str]:
     d = work["root"] / layout / kind
-    extra = {"export": ["train.steps=1", "optim.lr=0", "train.eval_batches=0", "checkpoint.every=0"],
+    extra = {"export": ["train.steps=1", "optim.warmup_steps=0", "optim.lr=0", "train.eval_batches=0",
+                        "checkpoint.every=0"],
              "parity": ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=2"],
              "resume": ["train.steps=3"],
              "zero1": ["train.steps=3", "parallel.zero_stage=1", "checkpoint.every=0"],
-             "preset": ["train.steps=1", "model.init_from=debug", "checkpoint.every=0"]}[kind]
+             "preset": ["train.steps=1", "optim.warmup_steps=0", "model.init_from=debug", "checkpoint.every=0"]}[kind]
     layout_overrides = [o.format(ds_json=work["root"] / "ds.json") for o in LAYOUTS[layout][1]]
     return [*work["common"], *layout_overrides, *extra, f"checkpoint.dir={d / 'ck'}",
             f"logging.tensorboard_dir={d / 'tb'}"]
@@ -128,7 +129,7 @@ def test_export_after_a_zero_lr_step_equals_the_hf_checkpoint(work, jobs, layout
     assert cfg["num_key_value_heads"] == 2 and cfg["vocab_size"] == 300 and cfg["model_type"] == "llama"
     # Eval over the split's documents counts like megakor.evaluate on the unchanged model.
     from megakor.evaluate import evaluate_texts
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
 
     want = evaluate_texts(build_model(str(work["hf"]))[0], work["tok"], EVAL_TEXTS, seq_len=32)
     got = scalars(work, layout, "export", "eval/ko_bits_per_char")[1]

@@ -100,6 +100,40 @@ def test_publishing_again_and_pruning_never_leave_a_broken_global_step(tmp_path)
     assert checkpointing.read_state(root, "global_step3")["again"] and latest_tag(root) == "global_step3"
 
 
+# ---- comparing checkpoints tensor by tensor ------------------------------------------------------
+
+def tensors(obj, prefix=""):
+    """Every tensor inside a (nested) checkpoint object, lists and tuples included, by path."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}[{i}]")
+
+
+def optimizer_tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every rank's ZeRO optimizer file: AdamW moments and step, and the fp32 master
+    weights (ZeRO-3's `fp32_flat_groups`, a list)."""
+    out = {}
+    for f in sorted(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        out.update({f"{f.name}{k}": t for k, t in tensors(torch.load(f, map_location="cpu", weights_only=False))})
+    return out
+
+
+def differences(a: Path, b: Path) -> list[str]:
+    """Names of the tensors (model export, optimizer state) that are not bitwise equal in two checkpoints."""
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(t / "model" / "tp00-00000.safetensors")) for t in (a, b))
+    oa, ob = optimizer_tensors(a), optimizer_tensors(b)
+    assert any("fp32_flat_groups[" in k for k in oa), sorted(oa)[:10]  # the master weights are compared too
+    assert wa.keys() == wb.keys() and oa.keys() == ob.keys(), (sorted(set(oa) ^ set(ob))[:5])
+    return [k for k in wa if not torch.equal(wa[k], wb[k])] + [k for k in oa if not torch.equal(oa[k], ob[k])]
+
+
 # ---- real runs: 2 ranks, gloo, ZeRO-3 -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -197,20 +231,8 @@ def test_nan_steps_are_skipped_on_every_rank_and_too_many_in_a_row_stop_the_run(
     assert sorted(read_scalars(tb, "train/grad_norm")) == [1, 2, 4]
     assert (ck / "latest").read_text() == "global_step6" and not (ck / "global_step7").exists()
 
-    def tensors(obj, prefix=""):
-        if torch.is_tensor(obj):
-            yield prefix, obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                yield from tensors(v, f"{prefix}.{k}")
-
     def same_weights_and_adamw(a: str, b: str) -> bool:
-        wa, wb = (load_file(str(ck / t / "model" / "tp00-00000.safetensors")) for t in (a, b))
-        same = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-        for f in sorted((ck / a).glob("zero_pp_rank_*_optim_states.pt")):  # each rank's ZeRO-3 partition
-            sa, sb = (dict(tensors(torch.load(ck / t / f.name, weights_only=False))) for t in (a, b))
-            same &= sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-        return same
+        return not differences(ck / a, ck / b)
 
     assert same_weights_and_adamw("global_step2", "global_step3")  # rank 1's finite loss did not step either
     assert not same_weights_and_adamw("global_step3", "global_step4")
@@ -219,3 +241,32 @@ def test_nan_steps_are_skipped_on_every_rank_and_too_many_in_a_row_stop_the_run(
         state = checkpointing.read_state(ck, f"global_step{step}")
         assert state["consumed_samples"] == 4 * step  # the bad batches are not retried
     assert checkpointing.read_state(ck, "global_step6")["consecutive_skipped_steps"] == 2
+
+
+def test_resume_after_usr1_at_step_3_of_10_is_bitwise_the_uninterrupted_run(corpus, tmp_path):
+    """SIGUSR1 reaches rank 1 as step 3 begins (test hook); both ranks save after step 3 and exit 42; the
+    same command resumes to step 10. Losses of steps 4-10 and every tensor of the final checkpoint (the
+    model, AdamW's moments and steps, the fp32 master weights, every rank's partition) equal the
+    uninterrupted run's bit for bit."""
+    root, common = corpus
+    runs = {name: ["launch/train.py", "--config", CONFIG, *common, "train.steps=10", "checkpoint.every=0",
+                   f"checkpoint.dir={tmp_path / name / 'ck'}"] for name in ("whole", "interrupted")}
+    _rank0(launch(2, [*runs["whole"], f"logging.tensorboard_dir={tmp_path / 'whole' / 'tb'}"], timeout=180), 0)
+    out = _rank0(launch(2, [*runs["interrupted"], f"logging.tensorboard_dir={tmp_path / 'interrupted' / 'tb1'}"],
+                        timeout=180, env={"MEGAKOR_TEST_USR1_AT_STEP": "3"}), 42)
+    assert "stop requested (SIGUSR1/SIGTERM) at step 3" in out
+    ck = tmp_path / "interrupted" / "ck"
+    assert checkpointing.latest_tag(ck) == "global_step3"
+    out = _rank0(launch(2, [*runs["interrupted"], f"logging.tensorboard_dir={tmp_path / 'interrupted' / 'tb2'}"],
+                        timeout=180), 0)
+    assert f"resumed from {ck / 'global_step3'} at step 3" in out
+    whole = read_scalars(tmp_path / "whole" / "tb", "train/loss")
+    first = read_scalars(tmp_path / "interrupted" / "tb1", "train/loss")
+    second = read_scalars(tmp_path / "interrupted" / "tb2", "train/loss")
+    assert sorted(first) == [1, 2, 3] and sorted(second) == list(range(4, 11))
+    assert all(first[s] == whole[s] for s in first) and all(second[s] == whole[s] for s in second)  # bitwise
+    final = "global_step10"
+    n = len(optimizer_tensors(tmp_path / "whole" / "ck" / final))
+    assert differences(tmp_path / "whole" / "ck" / final, ck / final) == []
+    print(f"\nresumed at step 3 of 10: losses 4-10 and {n} optimizer tensors (fp32 master weights included) "
+          "bitwise equal")

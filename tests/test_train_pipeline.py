@@ -40,7 +40,8 @@ def work(tmp_path_factory):
 
 def run_overrides(work, layout: str, kind: str) -> list[str]:
     d = work["root"] / layout / kind
-    extra = {"export": ["train.steps=1", "optim.lr=0", "train.eval_batches=0", "checkpoint.every=0"],
+    extra = {"export": ["train.steps=1", "optim.warmup_steps=0", "optim.lr=0", "train.eval_batches=0",
+                        "checkpoint.every=0"],
              "parity": ["train.steps=6", "checkpoint.every=0"],
              "resume": ["train.steps=3", "checkpoint.every=0"]}[kind.split("-")[0]]
     family = "tied" if kind.endswith("-tied") else "llama3"

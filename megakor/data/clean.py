@@ -94,6 +94,15 @@ class CleanConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown cleaning option(s) {unknown}; valid ones are {sorted(known)}")
+        for f in fields(cls):  # YAML gives strings for quoted or mistyped values: name them, not a TypeError
+            if f.name in d:
+                v, kind = d[f.name], type(f.default)
+                ok = isinstance(v, bool) if kind is bool else (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else
+                    isinstance(v, int) and not isinstance(v, bool))
+                if not ok:
+                    raise ValueError(f"cleaning option {f.name}={v!r} must be {kind.__name__} "
+                                     f"(default {f.default!r})")
         return cls(**d)
 
 

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 
 from megakor.checkpoint.hf import HFCheckpoint, key_map, layer_index, load_state_dict, tp_split_kind
+from megakor.checkpoint.source import resolve_model_source
 from megakor.config import Config, ConfigError
-from megakor.model.args import PRESETS, ModelArgs, from_hf_config, preset, to_hf_config
+from megakor.model.args import PRESETS, ModelArgs, to_hf_config
 from megakor.model.attention import rope_inv_freq
 from megakor.model.llama import Llama
 
@@ -48,23 +49,8 @@ def train_dtype(cfg: Config, device_type: str) -> torch.dtype:
 
 
 def model_args(init_from: str) -> ModelArgs:
-    """The architecture of `model.init_from`, read from config.json / GGUF metadata, without weights."""
-    if init_from in PRESETS:
-        return preset(init_from)
-    p = Path(init_from)
-    if p.suffix == ".gguf" and p.is_file():
-        import gguf
-
-        from megakor.checkpoint.gguf import config_from_metadata, read_metadata
-
-        reader = gguf.GGUFReader(p)
-        shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
-        return from_hf_config(config_from_metadata(read_metadata(reader), shapes, p))
-    if p.is_dir() and (p / "config.json").is_file():
-        return from_hf_config(json.loads((p / "config.json").read_text()))
-    raise ConfigError(
-        f"model.init_from={init_from!r} is neither an HF checkpoint directory (with config.json), a .gguf file, "
-        f"nor a preset; use one of those ({', '.join(PRESETS)})")
+    """The architecture of `model.init_from`, read without weights (`megakor.checkpoint.source`)."""
+    return resolve_model_source(init_from).args()
 
 
 # ---- the DeepSpeed JSON --------------------------------------------------------------------------
@@ -273,15 +259,14 @@ class RandomInit(HFCheckpoint):
 def open_weights(init_from: str, seed: int, tokenizer_path: str | None = None, init_method: str = "subword"):
     """The weight source of `model.init_from`: an HFCheckpoint (directory or GGUF) or a RandomInit;
     grown to `tokenizer_path`'s vocabulary (new rows by `init_method`) when that tokenizer extends it."""
-    if init_from in PRESETS:
-        return RandomInit(preset(init_from), seed)
-    from megakor.model import open_checkpoint
-
-    source = open_checkpoint(init_from)
+    resolved = resolve_model_source(init_from)
+    if resolved.kind == "preset":
+        return RandomInit(resolved.args(), seed)
+    source = resolved.open()
     if grows_vocabulary(init_from, tokenizer_path):
         from megakor.checkpoint.resize import ResizedCheckpoint
 
-        source = ResizedCheckpoint(source, init_from, tokenizer_path, init_method, seed)
+        source = ResizedCheckpoint(source, resolved.tokenizer_dir(), tokenizer_path, init_method, seed)
     return source
 
 
@@ -292,8 +277,7 @@ def vocab_of(tokenizer_path) -> int:
 
 
 def _own_tokenizer(init_from: str) -> Path | None:
-    p = Path(init_from)
-    return p if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()) else None
+    return resolve_model_source(init_from).tokenizer_dir()
 
 
 def grows_vocabulary(init_from: str, tokenizer_path: str | None) -> bool:
@@ -316,7 +300,7 @@ def resolved_model_args(cfg: Config) -> ModelArgs:
         if _own_tokenizer(cfg.model.init_from) is None:
             raise ConfigError(
                 f"tokenizer.path={cfg.tokenizer.path} extends model.init_from's vocabulary; growing it at start-up "
-                "needs an HF checkpoint directory with its tokenizer (convert a .gguf with launch/convert.py first)")
+                "needs a checkpoint with its own tokenizer (convert a .gguf with launch/convert.py first)")
         args = dataclasses.replace(args, vocab_size=max(args.vocab_size, vocab_of(cfg.tokenizer.path)))
     return args
 
@@ -357,6 +341,10 @@ def load_weights(model: Llama, init_from: str, seed: int, tp_rank: int, tp_size:
     import deepspeed
 
     reader = dp_rank == 0 or not zero3
+    if reader:
+        from megakor.train import faults
+
+        faults.fail_loading_weights()
     source = open_weights(init_from, seed, tokenizer_path, init_method) if reader else None
     params = dict(model.named_parameters()) if params is None else params
     groups: dict[int | None, list[str]] = {}

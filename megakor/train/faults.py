@@ -13,16 +13,29 @@ on its own (finite loss, non-finite gradient norm) counts the same way. The data
 the bad batch is not retried. `train.max_skipped_steps` consecutive skips stop the run without saving.
 Without ZeRO (parallel.zero_stage=0) DeepSpeed has no such check and applies the step: the run stops.
 
+A failure on one rank (`end_job`): the failing rank prints its error once and leaves at once with
+`os._exit` (under mpirun through MPI_Abort), without waiting in any collective or in the process group's
+teardown. A launcher that sees a rank exit non-zero ends the others: `deepspeed` and `torchrun` do,
+`mpirun` does on MPI_Abort, `srun` does with --kill-on-bad-exit=1 (slurm/pretrain.sh). Without such a
+launcher the peers' collectives fail as soon as the failed rank's connections close (gloo), or after
+parallel.timeout_seconds (NCCL); those ranks print one line saying a peer failed, not a second copy of
+the error.
+
 Test hooks (environment variables; not for production use):
   MEGAKOR_INJECT_NAN_STEP=3 or 3,5-7      global rank 0 multiplies its loss by NaN at those steps
   MEGAKOR_TEST_KILL_DURING_SAVE=STEP      every rank SIGKILLs itself in the middle of writing checkpoint STEP
+  MEGAKOR_TEST_USR1_AT_STEP=STEP          global rank 1 (or 0 alone) sends itself SIGUSR1 when step STEP begins
+  MEGAKOR_TEST_FAIL_LOADING_WEIGHTS=MSG   global rank 0 raises FileNotFoundError(MSG) as it opens the weights
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import sys
 import threading
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -97,6 +110,52 @@ class SkippedSteps:
                 "or remove the offending data, then resume")
 
 
+# ---- one rank fails: end the job ----------------------------------------------------------------
+
+# What a collective raises on the ranks that did not fail, once a failed peer's connections close
+# (gloo), it was aborted (NCCL) or the process-group timeout ran out.
+_PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|Socket Timeout|"
+                        r"timed out|Timeout|NCCL communicator was aborted|ProcessGroup.*abort", re.I)
+
+
+def _global_rank() -> int:
+    if dist.is_initialized():
+        return dist.get_rank()
+    from megakor.train.preflight import launch_rank
+
+    return launch_rank()
+
+
+def report(error: BaseException, code: int) -> int:
+    """An agreed error (a configuration mistake, too many non-finite steps: the same on every rank):
+    its sentence once, from rank 0; returns `code` for a normal exit."""
+    if _global_rank() == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return code
+
+
+def end_job(error: BaseException, code: int = 1) -> None:
+    """A rank failed on its own (module docstring): print its error once and leave now, which ends the
+    job under every launcher. Returns only when no process group exists (a single process, or an
+    error before joining): then the caller exits normally."""
+    rank = _global_rank()
+    peer_gone = isinstance(error, getattr(dist, "DistError", ())) or bool(_PEER_GONE.search(str(error)))
+    if peer_gone:
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print(f"megakor: rank {rank} stopping: a collective failed because another rank ended ({first}); "
+              "that rank's error is the one to read", file=sys.stderr, flush=True)
+    else:
+        frames = traceback.format_exception(error)
+        sys.stderr.write("".join(frames[:-1]))  # where it happened; the message itself once, below
+        print(f"error: rank {rank}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    sys.stdout.flush()
+    if "mpi4py.MPI" in sys.modules:  # mpirun: MPI_Abort ends every rank of the job
+        sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
 # ---- test hooks ----------------------------------------------------------------------------------
 
 def _steps(spec: str) -> set[int]:
@@ -120,3 +179,19 @@ def kill_during_save(step: int) -> None:
     if spec and step in _steps(spec):
         print(f"megakor: test hook: SIGKILL while writing checkpoint {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def send_usr1_at(step: int, rank: int, world_size: int) -> None:
+    """Test hook MEGAKOR_TEST_USR1_AT_STEP: one rank (1, or 0 alone) signals itself as `step` begins,
+    as Slurm's --signal would; the ranks agree to stop after that step."""
+    spec = os.environ.get("MEGAKOR_TEST_USR1_AT_STEP")
+    if spec and step == int(spec) and rank == min(1, world_size - 1):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def fail_loading_weights() -> None:
+    """Test hook MEGAKOR_TEST_FAIL_LOADING_WEIGHTS: global rank 0 fails where it opens the weights, as a
+    shard deleted (or a filesystem lost) after preflight would, while the other ranks wait for it."""
+    message = os.environ.get("MEGAKOR_TEST_FAIL_LOADING_WEIGHTS")
+    if message and (not dist.is_initialized() or dist.get_rank() == 0):
+        raise FileNotFoundError(message)

@@ -32,71 +32,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megakor.config import Config, ConfigError, dump_config, validate, validate_model_layout
+from megakor.config import Config, ConfigError, dump_config
 from megakor.data.blend import Prefetcher, collate
 from megakor.parallel import build_parallel_state, init_distributed, launch_world_size
 from megakor.train import checkpointing, faults, metrics
+from megakor.train.preflight import preflight, tokenizer_dir  # noqa: F401  (preflight: re-exported)
 from megakor.train.schedule import lr_from_config
 
 log = logging.getLogger("megakor.train")
-
-
-# ---- before any process group --------------------------------------------------------------------
-
-def preflight(cfg: Config, world_size: int):
-    """Every check that needs no process group; returns the model's ModelArgs. Raises ConfigError."""
-    from megakor.data.blend import SourceSpec
-    from megakor.data.indexed import IndexedDataset, is_indexed_prefix
-    from megakor.data.sources import expand_inputs
-    from megakor.train.engine import deepspeed_config, first_trainable_row, resolved_model_args
-
-    validate(cfg, world_size)
-    p = cfg.parallel
-    if p.pipeline > 1 and cfg.train.freeze != "none":
-        raise ConfigError(f"train.freeze={cfg.train.freeze} is not supported in the pipeline mode yet; "
-                          "run that stage with parallel.pipeline=1 (ZeRO-3 over DP × TP)")
-    args = resolved_model_args(cfg)
-    first_trainable_row(cfg)  # train.freeze needs to know which vocabulary rows are new
-    validate_model_layout(cfg, args.num_heads, args.num_kv_heads, args.num_layers)
-    if cfg.train.seq_len > args.max_position_embeddings and args.rope_type != "dynamic":
-        log.warning("train.seq_len=%d exceeds the model's max_position_embeddings=%d", cfg.train.seq_len,
-                    args.max_position_embeddings)
-    dp = world_size // (p.tensor * p.pipeline)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    deepspeed_config(cfg, dp, device_type)  # conflicts with deepspeed.config are errors now
-    if not cfg.data.sources:
-        raise ConfigError("data.sources is empty; list at least one {path: ..., weight: ...} entry "
-                          "(a preprocessed prefix or raw files)")
-    for section, entries in (("data.sources", cfg.data.sources), ("data.eval", cfg.data.eval)):
-        for entry in entries:
-            try:
-                spec = SourceSpec.from_dict(entry)
-            except ValueError as e:
-                raise ConfigError(f"{section}: {e}") from None
-            prefix = spec.path[:-4] if isinstance(spec.path, str) and spec.path.endswith((".bin", ".idx")) else spec.path
-            if isinstance(prefix, str) and is_indexed_prefix(prefix):
-                vocab = IndexedDataset(prefix).vocab_size
-                if vocab > args.vocab_size:
-                    raise ConfigError(
-                        f"{section} entry {spec.name} was tokenised with a vocabulary of {vocab} tokens but the model "
-                        f"has {args.vocab_size}; preprocess it with the model's tokenizer or resize the embeddings first")
-            else:
-                try:
-                    expand_inputs(spec.path)
-                except FileNotFoundError as e:
-                    raise ConfigError(f"{section} entry {spec.name}: {e}") from None
-                if tokenizer_dir(cfg) is None:
-                    raise ConfigError(f"{section} entry {spec.name} ({spec.path}) is not a preprocessed prefix, and there "
-                                      "is no tokenizer to preprocess it with; set tokenizer.path or preprocess it first")
-    checkpointing.check_resumable(cfg.checkpoint.dir, world_size, p.tensor, p.pipeline)
-    return args
-
-
-def tokenizer_dir(cfg: Config) -> str | None:
-    if cfg.tokenizer.path:
-        return cfg.tokenizer.path
-    p = Path(cfg.model.init_from)
-    return str(p) if p.is_dir() and ((p / "tokenizer.json").is_file() or (p / "tokenizer.model").is_file()) else None
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -348,7 +291,7 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     from megakor.tokenizer import load_tokenizer
     from megakor.train.engine import build_engine
 
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(timeout_seconds=cfg.parallel.timeout_seconds)
     ps = build_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
     seed_everything(cfg.train.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -396,6 +339,7 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         out.info(f"megakor: saved checkpoint {Path(cfg.checkpoint.dir) / checkpointing.tag_for(at)}")
 
     while step < cfg.train.steps:
+        faults.send_usr1_at(step + 1, rank, world_size)  # test hook (faults)
         timer.begin()
         lr = lr_from_config(cfg, step + 1)
         for group in engine.optimizer.param_groups:
@@ -473,14 +417,11 @@ def profiled(cfg: Config, step: int, rank: int, device):
 
 def _base_hf_config(cfg: Config, args) -> dict:
     """The config.json an export starts from: the source checkpoint's (fields we do not own kept)."""
-    import json
-
     from megakor.model.args import to_hf_config
+    from megakor.checkpoint.source import resolve_model_source
 
-    p = Path(cfg.model.init_from)
-    if p.is_dir() and (p / "config.json").is_file():
-        return json.loads((p / "config.json").read_text())
-    return to_hf_config(args)
+    source = resolve_model_source(cfg.model.init_from)
+    return source.hf_config() if source.kind in ("hf", "training") else to_hf_config(args)
 
 
 def setup_logging() -> None:
