@@ -41,7 +41,7 @@ def preflight(cfg: Config, world_size: int):
     """Every check that needs no process group and reads no weight; returns the model's ModelArgs."""
     from megakor.checkpoint.source import resolve_model_source
     from megakor.train import checkpointing
-    from megakor.train.engine import deepspeed_config, first_trainable_row, resolved_model_args
+    from megakor.train.engine import deepspeed_config, first_trainable_row, prepare_deepspeed_ops, resolved_model_args
 
     validate(cfg, world_size)
     p = cfg.parallel
@@ -62,6 +62,7 @@ def preflight(cfg: Config, world_size: int):
     dp = world_size // (p.tensor * p.pipeline)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     deepspeed_config(cfg, dp, device_type)  # conflicts with deepspeed.config are errors now
+    prepare_deepspeed_ops(cfg, device_type)  # DeepSpeed's own Adam asked for: nvcc present, arch list parseable
     raw = _check_data(cfg, args)
     _check_outputs(cfg, args, raw)
     checkpointing.check_resumable(cfg.checkpoint.dir, world_size, p.tensor, p.pipeline)
