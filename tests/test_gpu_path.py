@@ -204,6 +204,9 @@ def test_deepspeed_json_on_cuda_selects_fused_torch_adamw_and_gpu_sized_zero3():
     # One data-parallel rank: a partition is the whole parameter, so nothing is gathered per use.
     one = deepspeed_config(_cfg(), dp=1, device_type="cuda", hidden_size=2048)["zero_optimization"]
     assert one["stage3_param_persistence_threshold"] >= 2**40
+    # ... unless parameters are offloaded: persistent ones would stay on the GPU.
+    off = deepspeed_config(_cfg("parallel.offload_params=true"), 1, "cuda", 2048)["zero_optimization"]
+    assert off["stage3_param_persistence_threshold"] == 20480
     # What DeepSpeed's engine makes of the optimizer section: torch.optim.AdamW, fused.
     from deepspeed.runtime.engine import DeepSpeedEngine
 
@@ -280,5 +283,21 @@ def test_prefetcher_hands_out_the_iterator_batches_and_keeps_the_consumed_positi
     assert got == want
     # Samples beyond what was handed out were built, but the position saved is what the trainer took.
     assert it.state_dict() == {"consumed_samples": 8 + 12}
+    feed.close()
+
+
+class Broken(Counting):
+    def __getitem__(self, i):
+        if i >= 4:
+            raise OSError("shard unreadable")
+        return super().__getitem__(i)
+
+
+def test_prefetcher_raises_the_worker_error_on_every_later_call():
+    feed = Prefetcher(BatchIterator(Broken(), micro_batch=2, global_batch=2), depth=2)
+    next(feed), next(feed)
+    for _ in range(2):
+        with pytest.raises(OSError, match="shard unreadable"):
+            next(feed)
     feed.close()
 

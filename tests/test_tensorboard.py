@@ -121,3 +121,9 @@ def test_metrics_file_keeps_exact_values_and_drops_later_steps_and_torn_lines_on
     assert read_scalars(tmp_path) == {"train/loss": {1: value, 2: 2 * value}, "eval/loss": {2: 0.5}}
     rows = [json.loads(line) for line in (tmp_path / MetricsFile.NAME).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and all(r["time"] > 1.7e9 for r in rows)
+    # A skipped step's NaN loss is written as JSON null and read back as NaN.
+    f = MetricsFile(tmp_path, resume_step=2)
+    f.write(3, {"train/loss": float("nan"), "train/lr": 1e-3})
+    f.close()
+    assert json.loads((tmp_path / MetricsFile.NAME).read_text().splitlines()[-1])["train/loss"] is None
+    assert np.isnan(read_scalars(tmp_path, "train/loss")[3])

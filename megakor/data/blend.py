@@ -429,6 +429,7 @@ class Prefetcher:
             self._queue.put(item)
             raise StopIteration
         if isinstance(item, BaseException):
+            self._queue.put(item)  # every later call raises it too
             raise item
         self.iterator.skip()
         return item

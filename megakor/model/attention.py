@@ -124,13 +124,14 @@ _logged_backend: set[str] = set()
 BACKENDS = ("auto", "flash", "varlen", "sdpa")
 
 
-def choose_backend(requested: str, q: torch.Tensor) -> str:
+def choose_backend(requested: str, q: torch.Tensor, sliding_window: int | None = None) -> str:
     """flash (flash-attn's varlen kernel), varlen (torch.nn.attention.varlen) or sdpa. `auto` takes the
-    first varlen kernel available on CUDA tensors and SDPA elsewhere."""
+    first varlen kernel available on CUDA tensors that can do the model's sliding window, SDPA elsewhere."""
     if requested == "auto":
         if q.is_cuda and flash_attn_varlen_func is not None:
             backend = "flash"
-        elif q.is_cuda and torch_varlen_attn is not None:
+        elif q.is_cuda and torch_varlen_attn is not None and (
+                sliding_window is None or "window_size" in varlen_parameters(torch_varlen_attn)):
             backend = "varlen"
         else:
             backend = "sdpa"
@@ -152,7 +153,13 @@ def choose_backend(requested: str, q: torch.Tensor) -> str:
     return backend
 
 
-_varlen_parameters: dict[int, frozenset] = {}
+_varlen_parameters: dict = {}  # varlen_attn function → its parameter names
+
+
+def varlen_parameters(fn) -> frozenset:
+    if fn not in _varlen_parameters:
+        _varlen_parameters[fn] = frozenset(inspect.signature(fn).parameters)
+    return _varlen_parameters[fn]
 
 
 def _torch_varlen(q, k, v, cu, max_len: int, sliding_window: int | None):
@@ -160,9 +167,7 @@ def _torch_varlen(q, k, v, cu, max_len: int, sliding_window: int | None):
     signature this torch has: 2.11 takes `window_size` ((-1, 0) is causal) and fewer KV heads natively,
     2.12+ also wants `enable_gqa=True` for them; 2.10 took `is_causal` and equal head counts."""
     fn = torch_varlen_attn
-    params = _varlen_parameters.get(id(fn))
-    if params is None:
-        params = _varlen_parameters[id(fn)] = frozenset(inspect.signature(fn).parameters)
+    params = varlen_parameters(fn)
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
@@ -189,7 +194,7 @@ def attention(q, k, v, position_ids, sliding_window=None, backend: str = "auto",
     Returns [B, T, H, D].
     """
     B, T, H, D = q.shape
-    kind = choose_backend(backend, q)
+    kind = choose_backend(backend, q, sliding_window)
     if kind in ("flash", "varlen"):
         if cu_seqlens is None:
             cu_seqlens, max_seqlen = cu_seqlens_from_positions(position_ids)

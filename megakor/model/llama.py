@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from megakor.model.args import ModelArgs
-from megakor.model.attention import RotaryEmbedding, attention, cached_attention
+from megakor.model.attention import RotaryEmbedding, attention, cached_attention, cu_seqlens_from_positions
 from megakor.model.kernels import apply_rope, rms_norm, swiglu
 from megakor.model.layers import (
     ColumnParallelLinear,
@@ -150,6 +150,9 @@ class Llama(nn.Module):
         `cu_seqlens` / `max_seqlen`: the packed documents, from the data layer (`attention`)."""
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
+        if cu_seqlens is None and kv_cache is None and input_ids.is_cuda:
+            # Callers without the data layer's metadata (evaluation, tests): derive it once, not per layer.
+            cu_seqlens, max_seqlen = cu_seqlens_from_positions(position_ids)
         x = self.tok_embeddings(input_ids)
         cos, sin = self.rope(position_ids, x.dtype, max_seqlen)
         for name, block in self.layers.items():

@@ -6,10 +6,11 @@ The pipe layers wrap the very modules `Llama` is built from (`VocabParallelEmbed
 `RMSNorm`, `ColumnParallelLinear`), so tensor parallelism inside a stage is the same code, on the TP
 group of `megakor.parallel`. What flows between stages is (hidden states, position_ids, cu_seqlens):
 the packed documents, which every block needs for RoPE and its one varlen attention call (integers,
-so DeepSpeed sends no gradient for them). Stages exchange tensors of one fixed shape, so cu_seqlens
-is padded to B·T + 1 entries with empty documents, and the kernel's longest-document bound is the row
-length T (a bound is all it needs). Labels reach the last stage through the pipeline's label tuple: a
-micro-batch is ((input_ids, position_ids, cu_seqlens), labels).
+so DeepSpeed sends no gradient for them). cu_seqlens has one entry per document, so its length
+changes from micro-batch to micro-batch: the module is built with DeepSpeed's `dynamic_shape`, which
+sends each activation's shape along with it. The kernel's longest-document argument is the row length
+T, an upper bound, which is all a varlen kernel needs. Labels reach the last stage through the
+pipeline's label tuple: a micro-batch is ((input_ids, position_ids, cu_seqlens), labels).
 
 The head layer returns (hidden, head weight) and `LlamaPipe.loss` computes the vocab-parallel chunked
 cross-entropy from both, as `Llama.loss` does, so [tokens, vocab] logits never exist here either. With
@@ -74,7 +75,8 @@ class BlockPipe(nn.Module):
 
     def forward(self, inputs):
         x, position_ids, cu_seqlens = inputs
-        cos, sin = self.rope(position_ids, x.dtype, x.shape[1])
+        # RoPE gets no bound: dynamic NTK scaling must see the real longest document, as Llama's does.
+        cos, sin = self.rope(position_ids, x.dtype)
         x = self.layers[str(self.index)](x, cos, sin, position_ids, None, cu_seqlens, x.shape[1])
         return x, position_ids, cu_seqlens
 
@@ -145,7 +147,7 @@ class LlamaPipe(PipelineModule):
             # norm and the head are never recomputed.
             activation_checkpoint_interval=1 if activation_checkpointing else 0,
             activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
-            checkpointable_layers=["BlockPipe"])
+            checkpointable_layers=["BlockPipe"], dynamic_shape=True)
         self.args, self.tp_group, self.loss_chunk_tokens = args, tp_group, loss_chunk_tokens
         self.loss_scale = 1.0
         self.nll_sum = torch.zeros((), dtype=torch.float64)

@@ -98,15 +98,16 @@ def zero_settings(cfg: Config, device_type: str, hidden_size: int | None, dp: in
     integration's "auto" values use): reduce bucket h², ZeRO-3 prefetch bucket 0.9·h², parameters
     under 10·h elements (norms, biases) kept whole instead of gathered per use; communication overlapped
     with compute, gradients copied into one contiguous buffer. With one data-parallel rank a ZeRO-3
-    partition is the whole parameter, so every parameter is kept whole: gathering it before each use
-    would cost host time and copies and save no memory. DeepSpeed's defaults stay on CPU. Any of them
+    partition is the whole parameter, so every parameter is kept whole (unless parameters are offloaded
+    to the CPU): gathering it before each use would cost host time and copies and save no memory. DeepSpeed's defaults stay on CPU. Any of them
     can be overridden from deepspeed.config."""
     if device_type != "cuda" or hidden_size is None:
         return {}
     h = hidden_size
     out = {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": h * h}
     if cfg.parallel.zero_stage == 3:
-        persist = 10 * h if dp > 1 else 2**62
+        # Offloaded parameters must stay partitioned (persistent ones would sit on the GPU).
+        persist = 10 * h if dp > 1 or cfg.parallel.offload_params else 2**62
         out.update(stage3_prefetch_bucket_size=int(0.9 * h * h), stage3_param_persistence_threshold=persist)
     return out
 

@@ -116,8 +116,7 @@ def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> d
                               "labels": torch.from_numpy(r[2])} for r in rows])
             b = to_device(host, device)
             if ps.pp > 1:
-                pipeline_batches.append((b["input_ids"], b["position_ids"], pipeline_cu_seqlens(host).to(device),
-                                         b["labels"]))
+                pipeline_batches.append((b["input_ids"], b["position_ids"], b["cu_seqlens"], b["labels"]))
             else:
                 nll = engine(b["input_ids"], b["position_ids"], b["labels"], reduction="sum",
                              cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"])
@@ -203,14 +202,6 @@ def document_square_sum(batch: dict) -> int:
     return int((lengths * lengths).sum())
 
 
-def pipeline_cu_seqlens(batch: dict) -> torch.Tensor:
-    """cu_seqlens padded to B·T + 1 entries (empty documents at the end): pipeline stages exchange tensors
-    of one fixed shape per micro-batch."""
-    cu = batch["cu_seqlens"]
-    n = batch["input_ids"].numel() + 1
-    return torch.cat([cu, cu[-1:].expand(n - cu.numel())]) if cu.numel() < n else cu
-
-
 def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lambda: False,
                inject_nan: bool = False, timer: metrics.StepTimer | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches (module docstring). Between the last forward and
@@ -233,15 +224,14 @@ def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lam
     if ps.pp > 1:  # the last stage's loss function back-propagates NLL × scale (megakor.model.pipeline)
         from megakor.model.pipeline import run_pipeline
 
-        loss_sum = run_pipeline(engine, [(b["input_ids"].to(device), b["position_ids"].to(device),
-                                          pipeline_cu_seqlens(b).to(device), b["labels"].to(device))
-                                         for b in micro_batches], ps, scale)
+        on_device = [to_device(b, device) for b in micro_batches]
+        loss_sum = run_pipeline(engine, [(b["input_ids"], b["position_ids"], b["cu_seqlens"], b["labels"])
+                                         for b in on_device], ps, scale)
         dist.all_reduce(loss_sum, group=ps.dp_group)
         # The step is taken: only DeepSpeed can skip it.
         _, stop, values = faults.agree(True, stop_requested(), device, _read(loss_sum, counts))
         if timer is not None:  # DeepSpeed's pipeline runs the schedule and the optimizer step in one call
             timer.mark("forward_backward")
-            timer.mark("optimizer")
         tokens, squares = (values[1], values[2]) if counts is not None else (global_tokens, square_sum)
         return StepResult(values[0] / max(tokens, 1.0), not engine.was_step_applied(), stop, squares)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -326,21 +316,38 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     hf_config = _base_hf_config(cfg, args)
     peak = metrics.device_peak_tflops(device, dtype)
     step_tokens = cfg.train.global_batch * cfg.train.seq_len
-    losses, last_eval, last_saved = {}, {}, step
+    losses = {}
     skips = faults.SkippedSteps(cfg.train.max_skipped_steps, state.get("skipped_steps", 0),
                                 state.get("consecutive_skipped_steps", 0))
     gas = engine.gradient_accumulation_steps()
     feed = Prefetcher(batches, depth=2 * gas, pin_memory=device.type == "cuda")  # two steps ahead
-    timer = metrics.StepTimer(device)
 
     def save(at: int):
         checkpointing.save_checkpoint(engine, ps, cfg.checkpoint.dir, at, {**state, "config": cfg.to_dict()},
                                       cfg.checkpoint.keep, args, hf_config, tok_dir)
         out.info(f"megakor: saved checkpoint {Path(cfg.checkpoint.dir) / checkpointing.tag_for(at)}")
 
+    try:
+        step, last_eval, last_saved = _steps(cfg, args, engine, ps, device, feed, batches, stop, out, splits, state,
+                                             skips, losses, save, step, rank, world_size, gas, peak, step_tokens)
+    finally:
+        feed.close()
+    if last_saved != step and (cfg.checkpoint.save_at_end or step < cfg.train.steps):
+        save(step)
+    out.close()
+    dist.barrier()
+    return {"step": step, "losses": losses, "eval": last_eval, "preempted": step < cfg.train.steps}
+
+
+def _steps(cfg, args, engine, ps, device, feed, batches, stop, out, splits, state, skips, losses, save, step, rank,
+           world_size, gas, peak, step_tokens):
+    """The training steps from `step` on; returns (last step, last evaluation, last step saved)."""
+    timer = metrics.StepTimer(device)
+    last_eval, last_saved = {}, step
     while step < cfg.train.steps:
         faults.send_usr1_at(step + 1, rank, world_size)  # test hook (faults)
-        timer.begin()
+        # A logging step starts from an idle device, so its time is its own and not the tail of the last.
+        timer.begin(sync=(step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps)
         lr = lr_from_config(cfg, step + 1)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
@@ -371,7 +378,8 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
                      + (f" | MFU {perf['mfu']:.1%} ({perf['mfu_dense_attention']:.1%} dense-attention)"
                         if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB"
                      + f" | step {times['time/step']:.3f}s = data {times['time/data']:.3f} + fwd/bwd "
-                       f"{times['time/forward_backward']:.3f} + optim {times['time/optimizer']:.3f}"
+                       f"{times['time/forward_backward']:.3f}"
+                     + (f" + optim {times['time/optimizer']:.3f}" if "time/optimizer" in times else "")
                      + (f" | SKIPPED (non-finite), {skips.consecutive} in a row" if result.skipped else ""))
         skips.check(step, str(Path(cfg.checkpoint.dir) / checkpointing.tag_for(last_saved)) if last_saved else None)
         if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
@@ -384,12 +392,7 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         if result.stop and step < cfg.train.steps:
             out.info(f"megakor: stop requested (SIGUSR1/SIGTERM) at step {step}: saving, then exiting for requeue")
             break
-    feed.close()
-    if last_saved != step and (cfg.checkpoint.save_at_end or step < cfg.train.steps):
-        save(step)
-    out.close()
-    dist.barrier()
-    return {"step": step, "losses": losses, "eval": last_eval, "preempted": step < cfg.train.steps}
+    return step, last_eval, last_saved
 
 
 @contextlib.contextmanager

@@ -60,18 +60,22 @@ def step_flops(args: ModelArgs, tokens: float, attention_square_sum: float) -> f
 class StepTimer:
     """Where a step's time went: time/data (waiting for micro-batches, host clock), time/forward_backward
     (from the first forward to the end of the last backward) and time/optimizer (DeepSpeed's step) on
-    the device's own timeline (CUDA events; host clock on CPU), and time/step (the wall time of the whole
-    step, data included). Reading them synchronises with the device once, so `finish` is called only on
-    steps that log."""
+    the device's own timeline (CUDA events on the compute stream; host clock on CPU), and time/step (the
+    wall time of the whole step, data included). Reading them synchronises with the device once, so
+    `finish` is called only on steps that log. In the pipeline mode DeepSpeed runs the schedule and the
+    optimizer step in one call: its time is all time/forward_backward, and time/optimizer is absent."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._t0 = self._data = 0.0
         self._marks: dict = {}
 
-    def begin(self) -> None:
+    def begin(self, sync: bool = False) -> None:
+        """Start a step; `sync` (steps that will log) first waits for the device to finish earlier work."""
         import time
 
+        if sync and self.cuda:
+            torch.cuda.synchronize()
         self._t0, self._marks = time.perf_counter(), {}
 
     def data_done(self) -> None:
@@ -93,14 +97,15 @@ class StepTimer:
     def finish(self) -> dict[str, float]:
         import time
 
-        start, fwd_bwd, opt = (self._marks[k] for k in ("start", "forward_backward", "optimizer"))
+        marks = [self._marks[k] for k in ("start", "forward_backward", "optimizer") if k in self._marks]
         if self.cuda:
-            opt.synchronize()
-            phases = (start.elapsed_time(fwd_bwd) / 1e3, fwd_bwd.elapsed_time(opt) / 1e3)
+            marks[-1].synchronize()
+            phases = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
         else:
-            phases = (fwd_bwd - start, opt - fwd_bwd)
-        return {"time/data": self._data, "time/forward_backward": phases[0], "time/optimizer": phases[1],
-                "time/step": time.perf_counter() - self._t0}
+            phases = [b - a for a, b in zip(marks, marks[1:])]
+        out = {"time/data": self._data, "time/step": time.perf_counter() - self._t0,
+               **dict(zip(("time/forward_backward", "time/optimizer"), phases))}
+        return out
 
 
 def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
@@ -138,7 +143,8 @@ def throughput(tokens: int, seconds: float, world_size: int, flops: float, dense
 
 class MetricsFile:
     """`metrics.jsonl` beside the TensorBoard event files: one JSON line per logged step (and one per
-    evaluation), {"step": N, "time": unix seconds, "<tag>": value, ...}, every value in full precision.
+    evaluation), {"step": N, "time": unix seconds, "<tag>": value, ...}, every value in full precision (non-finite
+    ones as null; `read_scalars` gives them back as NaN).
 
     Appended as the run goes (flushed per line, so a crash loses at most the line being written). On
     (re)start at `resume_step` the lines of later steps are dropped first, as TensorBoard's purge hides
@@ -169,9 +175,12 @@ class MetricsFile:
 
     def write(self, step: int, values: dict) -> None:
         import json
+        import math
         import time
 
-        row = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in values.items()}}
+        # Non-finite values (a skipped step's loss) as null: NaN is not JSON that other readers accept.
+        row = {"step": int(step), "time": time.time(),
+               **{k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}}
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
 
@@ -195,5 +204,5 @@ def read_scalars(directory, tag: str | None = None) -> dict:
             continue
         for k, v in row.items():
             if k not in ("step", "time"):
-                out.setdefault(k, {})[row["step"]] = v
+                out.setdefault(k, {})[row["step"]] = float("nan") if v is None else v
     return out.get(tag, {}) if tag is not None else out
