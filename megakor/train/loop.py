@@ -146,6 +146,15 @@ def eval_split(name: str, source, seq_len: int, max_rows: int, bos_id: int | Non
     return EvalSplit(name, rows, characters if tokenizer is not None else None, n)
 
 
+def task_eval_split(name: str, source, max_rows: int) -> EvalSplit:
+    """A task (format: chat) eval source as packed rows of whole examples whose labels are the responses
+    only: eval/<name>_loss is the response-only loss."""
+    from megakor.data.examples import eval_rows
+
+    rows = eval_rows(source, max_rows)
+    return EvalSplit(name, rows, None, int(source.row_start[len(rows)]))
+
+
 @torch.no_grad()
 def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> dict:
     """eval/<name>_loss, eval/<name>_bits_per_char and eval/loss over all DP ranks (bits per character
@@ -306,7 +315,8 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     bos = bos if bos is not None else (tokenizer.eos_token_id if tokenizer is not None else None)
     # The same documents whatever the layout, so eval figures compare across runs.
     max_rows = cfg.train.eval_batches * cfg.train.micro_batch
-    splits = [eval_split(name, src, cfg.train.seq_len, max_rows, bos, tokenizer if rank == 0 else None)
+    splits = [task_eval_split(name, src, max_rows) if getattr(src, "is_task_data", False) else
+              eval_split(name, src, cfg.train.seq_len, max_rows, bos, tokenizer if rank == 0 else None)
               for name, src in eval_sources.items()]
 
     step, state = 0, {"consumed_samples": 0, "consumed_tokens": 0, "data": batches.state_dict()}
