@@ -432,7 +432,7 @@ def build_datasets(
         eval_sets[s.name] = packed(s, resolve_source(s, tokenizer_path, cache_dir, workers), False)
     for ps in [*train_sets, *eval_sets.values()]:
         if isinstance(ps, PackedExamples) and ps.overlong_examples:
-            log.warning("task source %s: %d examples longer than train.seq_len + 1 = %d tokens were %s", ps.name,
+            log.info("task source %s: %d examples longer than train.seq_len + 1 = %d tokens were %s", ps.name,
                         ps.overlong_examples, seq_len + 1, "truncated" if len(ps.examples) == ps.last_doc - ps.first_doc
                         else "dropped")
     eos = {ps.name: ps.docs.eos_id for ps in [*train_sets, *eval_sets.values()]}
