@@ -69,9 +69,14 @@ def eval_records(path: Path, tokenizer, n: int, max_reference_tokens: int) -> li
 
 
 def _score(model_dir: Path, task: Path, job: FinetuneJob) -> dict:
+    import torch
+
     from megakor.evaluate import evaluate_task
     from megakor.generate import load_for_generation
 
+    # Greedy decoding is a long chain of one-token matmuls: on a shared 2-core machine one thread per
+    # process is ~4x faster than two that wait on each other (measured: 0.15 s against 0.6+ s a token).
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     model, tokenizer, stops = load_for_generation(model_dir)
     out = {}
     for d in DIRECTIONS:
