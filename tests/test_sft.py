@@ -217,3 +217,23 @@ def test_sft_trains_under_zero3_on_two_ranks(tiny, tmp_path):
                 count += n
     assert abs(loss[1] - nll / count) < 1e-5, (loss[1], nll / count)
     assert "task" in evals and evals["task"].shuffle is False
+
+
+def test_evaluate_cli_generation_mode_scores_chrf_and_response_loss(tiny, tmp_path):
+    import importlib.util
+
+    from dist_utils import REPO
+
+    path, tokenizer = tiny
+    tokenizer.chat_template = None
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EXAMPLES[:2]) + "not json\n")
+    spec = importlib.util.spec_from_file_location("launch_evaluate", REPO / "launch" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "r.json"
+    assert module.main(["--model", str(path), "--generate", "--data", f"t={data}", "--max-new-tokens", "3",
+                        "--seq-len", "256", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["t"]
+    assert r["examples"] == 2 and r["skipped"] == 1 and 0 <= r["chrf"] <= 100 and math.isfinite(r["response_loss"])
+    assert [s["reference"] for s in r["samples"]] == [e["response"] for e in EXAMPLES[:2]]
