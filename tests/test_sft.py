@@ -192,12 +192,14 @@ def test_sft_trains_under_zero3_on_two_ranks(tiny, tmp_path):
     source = f"{{path: {data}, format: chat, name: task, holdout_documents: 8}}"
     overrides = [f"model.init_from={path}", f"data.sources=[{source}]", f"data.cache_dir={tmp_path / 'cache'}",
                  "train.steps=2", "train.seq_len=64", "train.eval_every=0", "train.eval_batches=2",
+                 "train.eval_generate=2", "train.eval_max_new_tokens=3",
                  "optim.warmup_steps=0", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.every=0",
                  f"logging.tensorboard_dir={tmp_path / 'tb'}"]
     check(launch(2, ["launch/train.py", "--config", "configs/runs/tiny_cpu.yaml", *overrides], timeout=300))
     loss = read_scalars(tmp_path / "tb", "train/loss")
     assert sorted(loss) == [1, 2] and all(math.isfinite(v) for v in loss.values())
     assert math.isfinite(read_scalars(tmp_path / "tb", "eval/task_loss")[2])
+    assert 0 <= read_scalars(tmp_path / "tb", "eval/task_chrf")[2] <= 100  # greedy answers scored in the trainer
 
     train, evals = build_datasets([{"path": str(data), "format": "chat", "name": "task", "holdout_documents": 8}], [],
                                   str(path), 64, 1234, str(tmp_path / "cache"), 0)
@@ -237,3 +239,22 @@ def test_evaluate_cli_generation_mode_scores_chrf_and_response_loss(tiny, tmp_pa
     r = json.loads(out.read_text())["t"]
     assert r["examples"] == 2 and r["skipped"] == 1 and 0 <= r["chrf"] <= 100 and math.isfinite(r["response_loss"])
     assert [s["reference"] for s in r["samples"]] == [e["response"] for e in EXAMPLES[:2]]
+
+
+def test_trainer_prompts_and_references_equal_the_rendered_ones(tiny, tmp_path):
+    from megakor.data.blend import build_datasets
+    from megakor.data.chat import prompt_and_reference
+    from megakor.train.generation_eval import task_prompts
+
+    path, tokenizer = tiny
+    tokenizer.chat_template = None
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EXAMPLES))
+    _, evals = build_datasets([{"path": str(data), "format": "chat", "name": "t"}],
+                              [{"path": str(data), "format": "chat", "name": "e"}], str(path), 400, 0,
+                              str(tmp_path / "cache"), 0)
+    got = task_prompts(evals["e"], 10)
+    assert len(got) == len(EXAMPLES)
+    for (prompt, reference, end_of_turn), record in zip(got, EXAMPLES):
+        ids, text = prompt_and_reference(tokenizer, record)
+        assert prompt == ids and tokenizer.decode(reference) == text and end_of_turn == tokenizer.eos_token_id

@@ -370,6 +370,12 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         skips.check(step, str(Path(cfg.checkpoint.dir) / checkpointing.tag_for(last_saved)) if last_saved else None)
         if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
             last_eval = evaluate(engine, splits, ps, cfg.train.micro_batch, device)
+            if cfg.train.eval_generate and tokenizer is not None:  # chrF of greedy answers (generation_eval)
+                from megakor.train.generation_eval import generation_eval
+
+                tasks = {n: s for n, s in eval_sources.items() if getattr(s, "is_task_data", False)}
+                last_eval.update(generation_eval(engine, args, tasks, tokenizer, cfg.train.eval_generate,
+                                                 cfg.train.eval_max_new_tokens, rank, device))
             out.scalars(last_eval, step)
             out.info(f"eval {step} | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
