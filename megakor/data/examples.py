@@ -67,11 +67,6 @@ class PackedExamples:
         self.row_start = np.asarray(starts, dtype=np.int64)
         self.rows_per_epoch = len(starts) - 1
 
-    @property
-    def labelled_tokens(self) -> int:
-        """Trained tokens of one epoch (after truncation)."""
-        return sum(int(self._mask(e, n)[1:].sum()) for e, n in zip(self.examples, self.lengths))
-
     def __len__(self) -> int:
         return self.rows_per_epoch
 
