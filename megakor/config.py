@@ -105,6 +105,11 @@ class TrainConfig:
     """Evaluate on data.eval every this many steps (0 = only at the end)."""
     eval_batches: int = 8
     """Micro-batches per evaluation source (0 = the whole split)."""
+    eval_generate: int = 0
+    """Task eval sources (format: chat): at each evaluation also answer the first N examples greedily and log
+    eval/<name>_chrf (0 = off; parallel.tensor=1 and parallel.pipeline=1 only)."""
+    eval_max_new_tokens: int = 64
+    """Tokens generated per answer at most, with train.eval_generate."""
     freeze: str = "none"
     """What does not train: none, or new_embeddings_only (only rows of tokens added by vocabulary
     extension train; every other parameter receives zero update)."""
@@ -345,6 +350,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{section}.{key} must be at least 1")
     for section, key in (("train", "eval_every"), ("train", "eval_batches"), ("train", "max_skipped_steps"),  # 0 = off
+                         ("train", "eval_generate"), ("train", "eval_max_new_tokens"),
                          ("optim", "warmup_steps"), ("optim", "decay_steps"), ("checkpoint", "every"),
                          ("checkpoint", "keep"), ("data", "workers")):
         if getattr(getattr(cfg, section), key) < 0:
@@ -368,6 +374,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _validate_optim(cfg)
     if p.timeout_seconds < 1:
         raise ConfigError(f"parallel.timeout_seconds={p.timeout_seconds} must be at least 1 (seconds)")
+    if cfg.train.eval_generate and (p.tensor > 1 or p.pipeline > 1):
+        raise ConfigError(f"train.eval_generate decodes on one rank's full copy of the model, which needs "
+                          f"parallel.tensor=1 and parallel.pipeline=1; set train.eval_generate=0 and score the "
+                          f"export with launch/evaluate.py --generate")
     if world_size is not None:
         validate_schedule(cfg)
         model_parallel = p.tensor * p.pipeline

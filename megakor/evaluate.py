@@ -9,6 +9,10 @@ predicted; NLL is summed over all predicted tokens.
 
 Chunks are packed several to a row (positions restart per chunk, attention never crosses chunks), so
 short documents do not waste compute on padding; the numbers equal chunk-by-chunk evaluation.
+
+Task sets (chat examples, `megakor.data.chat`) are evaluated in generation mode: the conversation up to
+its last assistant turn is the prompt, the greedy (or beam) answer is scored against that turn with
+chrF (sacrebleu), and the response-only loss is the teacher-forced NLL per assistant token.
 """
 
 from __future__ import annotations
@@ -136,4 +140,112 @@ def evaluate_file(model, tokenizer, path, seq_len: int = 2048, max_docs: int | N
     result = evaluate_texts(model, tokenizer, texts, seq_len, batch_size)
     result["skipped"] = sum(skipped.values())
     result["skipped_reasons"] = skipped
+    return result
+
+
+# ---- task sets: generation scored with chrF, and response-only loss ---------------------------------
+
+def read_task_examples(path: str | Path, max_docs: int | None = None) -> tuple[list[dict], dict]:
+    """(chat records, skipped counts) from a task JSONL file (`messages` or `prompt`/`response` per line)."""
+    from megakor.data.chat import BadExample, messages_of
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"task data {p} does not exist; pass a JSONL file of messages or prompt/response")
+    records, skipped = [], Counter()
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if max_docs is not None and len(records) >= max_docs:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                messages_of(record)
+            except ValueError as e:
+                skipped[getattr(e, "reason", "malformed_json")] += 1
+                continue
+            records.append(record)
+    return records, dict(skipped)
+
+
+def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int = 0):
+    """Rows of (input_ids, position_ids, labels) holding whole examples (first fit, in order), labels -100
+    except where the example's loss mask trains the token; examples longer than seq_len are truncated."""
+    rows, current, used = [], [], 0
+    for ids, mask in examples:
+        ids, mask = list(ids[:seq_len]), list(mask[:seq_len])
+        if current and used + len(ids) > seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append((ids, mask))
+        used += len(ids)
+    if current:
+        rows.append(current)
+    packed = []
+    for row in rows:
+        ids, pos, labels = [], [], []
+        for e, m in row:
+            ids += e
+            pos += range(len(e))
+            labels += [t if keep else -100 for t, keep in zip(e[1:], m[1:])] + [-100]
+        pad = seq_len - len(ids)
+        packed.append((ids + [pad_id] * pad, pos + list(range(pad)), labels + [-100] * pad))
+    return packed
+
+
+@torch.no_grad()
+def response_loss(model, tokenizer, records: list[dict], seq_len: int = 2048, batch_size: int = 4) -> dict:
+    """Mean NLL per trained (assistant) token of the rendered examples, teacher-forced."""
+    from megakor.data.chat import encode_example, messages_of
+
+    device = next(model.parameters()).device
+    rows = pack_examples([encode_example(tokenizer, messages_of(r)) for r in records], seq_len)
+    nll, tokens = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids, pos, labels = (torch.tensor([r[j] for r in rows[i:i + batch_size]], device=device) for j in range(3))
+        nll += float(model.loss(model.hidden_states(ids, pos), labels, reduction="sum"))
+        tokens += int((labels != -100).sum())
+    return {"response_loss": nll / max(tokens, 1), "response_tokens": tokens}
+
+
+def generate_outputs(model, tokenizer, records: list[dict], stop_ids, max_new_tokens: int = 128,
+                     num_beams: int = 1) -> tuple[list[str], list[str], list[str]]:
+    """(prompts' last user turn, references, greedy or beam outputs) of each task example."""
+    from megakor.data.chat import messages_of, prompt_and_reference
+    from megakor.generate import generate
+
+    device = next(model.parameters()).device
+    sources, refs, outs = [], [], []
+    for r in records:
+        ids, ref = prompt_and_reference(tokenizer, r)
+        prompt = torch.tensor([ids], device=device)
+        out = generate(model, prompt, max_new_tokens, stop_ids, num_beams=num_beams)
+        outs.append(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip())
+        refs.append(ref)
+        sources.append(next(m["content"] for m in reversed(messages_of(r)) if m["role"] == "user"))
+    return sources, refs, outs
+
+
+def chrf(outputs: list[str], references: list[str]) -> float:
+    """Corpus chrF (sacrebleu's defaults: character 6-grams, beta 2), 0-100."""
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF().corpus_score(outputs, [references]).score)
+
+
+def evaluate_task(model, tokenizer, records: list[dict], stop_ids, seq_len: int = 2048, max_new_tokens: int = 128,
+                  num_beams: int = 1, batch_size: int = 4, samples: int = 5) -> dict:
+    """chrF of generated answers against the references, response-only loss, and a few side-by-side samples."""
+    if not records:
+        raise ValueError("no task example to evaluate")
+    was_training = model.training
+    model.eval()
+    try:
+        result = response_loss(model, tokenizer, records, seq_len, batch_size)
+        sources, refs, outs = generate_outputs(model, tokenizer, records, stop_ids, max_new_tokens, num_beams)
+    finally:
+        model.train(was_training)
+    result.update(chrf=chrf(outs, refs), examples=len(records),
+                  samples=[{"source": s, "reference": r, "output": o} for s, r, o in zip(sources, refs, outs)][:samples])
     return result

@@ -65,6 +65,8 @@ class SourceSpec:
     near_dup_threshold: float = 0.8  # MinHash Jaccard at or above which a document is a near duplicate
     cleaning: dict = field(default_factory=dict)  # overrides of CleanConfig fields, e.g. {min_chars: 50}
     holdout_documents: int = 0  # the last N documents become eval set "<name>" and are never trained on
+    format: str = "text"  # "chat": task examples (messages or prompt/response), prompt-masked (megakor.data.chat)
+    overlong: str = "truncate"  # format chat: an example longer than train.seq_len + 1 is truncated or dropped
 
     def __post_init__(self):
         if isinstance(self.path, (list, tuple)):
@@ -85,6 +87,9 @@ class SourceSpec:
             self.name = (clean_parts[-1].split(".")[0] if clean_parts else "") or "source"
         if not isinstance(self.holdout_documents, int) or self.holdout_documents < 0:
             raise ValueError(f"data source {self.name}: holdout_documents={self.holdout_documents!r}; give a count >= 0")
+        if self.format not in ("text", "chat") or self.overlong not in ("truncate", "drop"):
+            raise ValueError(f"data source {self.name}: format={self.format!r}, overlong={self.overlong!r}; "
+                             "use format text or chat, overlong truncate or drop")
         self.clean_config()  # validates the overrides now, not after an hour of preprocessing
 
     @classmethod
@@ -110,6 +115,7 @@ class SourceSpec:
             text_field=self.text_field, text_unit=self.text_unit, split=self.split,
             clean=self.clean_config() if self.clean else None,
             exact_dedup=self.dedup, near_dedup=self.dedup, near_dup_threshold=self.near_dup_threshold,
+            format=self.format,
         )
 
 
@@ -479,6 +485,13 @@ def build_datasets(
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"{label} has several sources named {dupes}; give each a distinct 'name'")
+    from megakor.data.examples import PackedExamples
+
+    def packed(spec, prefix, shuffle, doc_range=None):  # task examples are packed whole, text as a stream
+        if spec.format == "chat":
+            return PackedExamples(prefix, seq_len, seed, spec.name, shuffle, doc_range, spec.overlong)
+        return PackedSource(prefix, seq_len, seed, spec.name, shuffle, cache_dir if shuffle else None, doc_range)
+
     train_sets, eval_sets = [], {}
     for s in train:
         prefix = resolve_source(s, tokenizer_path, cache_dir, workers)
@@ -486,13 +499,18 @@ def build_datasets(
         if s.holdout_documents >= n:
             raise ValueError(f"data source {s.name} has {n} documents; holdout_documents={s.holdout_documents} must be smaller")
         cut = n - s.holdout_documents
-        train_sets.append(PackedSource(prefix, seq_len, seed, s.name, True, cache_dir, (0, cut)))
+        train_sets.append(packed(s, prefix, True, (0, cut)))
         if s.holdout_documents:
-            eval_sets[s.name] = PackedSource(prefix, seq_len, seed, s.name, False, None, (cut, n))
+            eval_sets[s.name] = packed(s, prefix, False, (cut, n))
     for s in evals:
         if s.name in eval_sets:
             raise ValueError(f"eval source name {s.name} is also a training source with holdout_documents; rename one")
-        eval_sets[s.name] = PackedSource(resolve_source(s, tokenizer_path, cache_dir, workers), seq_len, seed, s.name, False)
+        eval_sets[s.name] = packed(s, resolve_source(s, tokenizer_path, cache_dir, workers), False)
+    for ps in [*train_sets, *eval_sets.values()]:
+        if isinstance(ps, PackedExamples) and ps.overlong_examples:
+            log.info("task source %s: %d examples longer than train.seq_len + 1 = %d tokens were %s", ps.name,
+                        ps.overlong_examples, seq_len + 1, "truncated" if len(ps.examples) == ps.last_doc - ps.first_doc
+                        else "dropped")
     eos = {ps.name: ps.docs.eos_id for ps in [*train_sets, *eval_sets.values()]}
     if len(set(eos.values())) > 1:
         raise ValueError(f"sources were tokenised with different EOS ids {eos}; preprocess all of them with the same tokenizer")

@@ -10,6 +10,11 @@ Layout of `P.idx` (little endian):
     bytes 40-47  uint64 vocabulary size of the tokenizer that wrote it
     bytes 48-63  zero
     then         int64[num_documents + 1] token offsets (offsets[0] = 0)
+
+Task data (supervised fine-tuning) adds `P.mask`, one uint8 per token of `P.bin` (1 = the token is a
+training target, 0 = context only: prompts, role headers), after a 16-byte header: magic
+b"MKMASK\x00\x01" and uint64 number of tokens. Prefixes without it (every pretraining prefix, and all
+written before it existed) load unchanged, with `loss_mask` None: every token is a target.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 
 MAGIC = b"MKIDX\x00\x00\x01"
 HEADER_BYTES = 64
+MASK_MAGIC = b"MKMASK\x00\x01"
+MASK_HEADER_BYTES = 16
 _DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
@@ -42,22 +49,37 @@ class IndexedWriter:
     """Appends documents (arrays of token ids) to `prefix.bin.tmp`; `finish()` writes the index and
     renames both files into place, so a crash never leaves a half-written dataset that looks whole."""
 
-    def __init__(self, prefix: str | os.PathLike, vocab_size: int, eos_id: int | None):
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int, eos_id: int | None, with_mask: bool = False):
         self.prefix = str(prefix)
         self.dtype = dtype_for_vocab(vocab_size)
         self.vocab_size = int(vocab_size)
         self.eos_id = -1 if eos_id is None else int(eos_id)
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(self.prefix + ".bin.tmp", "wb")
+        self._mask = None
+        if with_mask:  # the token count in its header is filled in by finish()
+            self._mask = open(self.prefix + ".mask.tmp", "wb")
+            self._mask.write(MASK_MAGIC + bytes(8))
         self._offsets = [0]
 
-    def add(self, ids) -> None:
+    def _write_mask(self, mask, n: int) -> None:
+        if (mask is None) != (self._mask is None):
+            raise ValueError("give a loss mask with every document exactly when the writer was made with_mask=True")
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.uint8)
+            if len(mask) != n:
+                raise ValueError(f"a loss mask of {len(mask)} entries for {n} tokens")
+            self._mask.write(mask.tobytes())
+
+    def add(self, ids, mask=None) -> None:
         arr = np.asarray(ids, dtype=self.dtype)
+        self._write_mask(mask, len(arr))
         self._bin.write(arr.tobytes())
         self._offsets.append(self._offsets[-1] + len(arr))
 
-    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Append several documents at once: `tokens` is their concatenation, `lengths` their sizes."""
+        self._write_mask(mask, len(tokens))
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
         ends = self._offsets[-1] + np.cumsum(lengths, dtype=np.int64)
         self._offsets.extend(ends.tolist())
@@ -65,13 +87,22 @@ class IndexedWriter:
     def finish(self) -> None:
         self._bin.close()
         write_index(self.prefix + ".idx.tmp", np.asarray(self._offsets, dtype=np.int64), self.dtype, self.eos_id, self.vocab_size)
+        if self._mask is not None:
+            self._mask.seek(len(MASK_MAGIC))
+            self._mask.write(np.uint64(self._offsets[-1]).tobytes())
+            self._mask.close()
+            os.replace(self.prefix + ".mask.tmp", self.prefix + ".mask")
+        elif os.path.exists(self.prefix + ".mask"):  # a stale mask of an earlier task dataset at this prefix
+            os.remove(self.prefix + ".mask")
         # .bin first: a prefix counts as finished only when .idx exists, and .idx lands last.
         os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
         os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
 
     def abort(self) -> None:
         self._bin.close()
-        for suffix in (".bin.tmp", ".idx.tmp"):
+        if self._mask is not None:
+            self._mask.close()
+        for suffix in (".bin.tmp", ".idx.tmp", ".mask.tmp"):
             if os.path.exists(self.prefix + suffix):
                 os.remove(self.prefix + suffix)
 
@@ -121,6 +152,7 @@ class IndexedDataset:
             np.memmap(self.prefix + ".bin", dtype=self.dtype, mode="r") if num_tokens else np.zeros(0, dtype=self.dtype)
         )
         self.num_tokens = num_tokens
+        self.loss_mask = read_loss_mask(self.prefix, num_tokens)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -137,3 +169,20 @@ class IndexedDataset:
         start = int(self.offsets[i]) + offset
         end = int(self.offsets[i + 1]) if length is None else min(int(self.offsets[i + 1]), start + length)
         return self.tokens[start:end]
+
+
+def read_loss_mask(prefix: str, num_tokens: int) -> np.ndarray | None:
+    """`prefix.mask` memory-mapped (uint8 per token), or None when the prefix has none."""
+    path = prefix + ".mask"
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        head = f.read(MASK_HEADER_BYTES)
+    if len(head) < MASK_HEADER_BYTES or head[:8] != MASK_MAGIC:
+        raise ValueError(f"{path} is not a megakor loss mask; delete it and preprocess {prefix} again")
+    count = int(np.frombuffer(head[8:], dtype="<u8")[0])
+    if count != num_tokens or os.path.getsize(path) != MASK_HEADER_BYTES + num_tokens:
+        raise ValueError(f"{path} covers {count} tokens but {prefix}.bin holds {num_tokens}; preprocess it again")
+    if not num_tokens:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=MASK_HEADER_BYTES, shape=(num_tokens,))

@@ -8,7 +8,10 @@
    kept documents to `P.bin`/`P.idx`, write every skipped record with its file and line to
    `P.skipped.log` and the totals to `P.json` (and `--report`).
 
-Every document is stored as `tokenizer(text).input_ids + [eos]`. The backend `tokenizers.Tokenizer`
+Every document is stored as `tokenizer(text).input_ids + [eos]`. Task data (`format="chat"`, see
+`megakor.data.chat`) is read record by record from JSON/JSONL, rendered with the tokenizer's chat
+template and stored as `ids + [eos]` with a loss mask (`P.mask`); cleaning and dedup are off for it,
+since they would change or drop pairs, and every record that is not an example is counted. The backend `tokenizers.Tokenizer`
 of the loaded tokenizer does the encoding in the workers (checked against `tokenizer(text)` on
 probe strings first), which avoids importing transformers in every worker.
 """
@@ -57,11 +60,20 @@ class PreprocessOptions:
     max_document_bytes: int = 8 << 20  # larger documents are skipped as "too_long" (bytes of UTF-8)
     shard_bytes: int | None = None  # input bytes per shard; None picks from the total and workers
     fast_tokenizer: bool = True  # encode byte-level BPE with tiktoken where it gives identical ids
+    format: str = "text"  # "text": documents of text_field; "chat": task examples (messages or prompt/response)
+
+    def __post_init__(self):
+        if self.format not in ("text", "chat"):
+            raise ValueError(f"format={self.format!r} is not a data format; use text or chat")
+        if self.format == "chat":  # cleaning would change a pair's meaning, dedup would drop examples
+            self.clean, self.exact_dedup, self.near_dedup = None, False, False
 
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
         d.pop("shard_bytes")  # neither changes the output
         d.pop("fast_tokenizer")
+        if d["format"] == "text":  # fingerprints of text sources stay what they were before task data
+            d.pop("format")
         return d
 
 
@@ -171,10 +183,15 @@ class _FastPathMismatch(Exception):
 
 class _Worker:
     def __init__(self, tokenizer_json: str, eos_id: int, vocab_size: int, options: PreprocessOptions, progress_queue=None,
-                 fast_path: bool = False):
+                 fast_path: bool = False, tokenizer_path: str | None = None):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.chat_tokenizer = None
+        if options.format == "chat":  # chat templates need transformers' tokenizer (jinja rendering)
+            from megakor.tokenizer import load_tokenizer
+
+            self.chat_tokenizer = load_tokenizer(tokenizer_path)
         self.encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         self.fast = _FastEncoder(tokenizer_json, self.tokenizer) if fast_path else None
         self.eos_id = eos_id
@@ -210,6 +227,7 @@ class _Worker:
         base = os.path.join(work_dir, f"{shard_id:05d}")
         skips: list[list] = []
         meta = {"length": [], "piece": [], "line": [], "chars": [], "key": [], "sig": []}
+        masks: list[np.ndarray] = []  # format "chat": the loss mask of every document
         records = 0
         piece_lines: dict[int, int] = {}
         last_report, pending = time.monotonic(), [0, 0, 0]  # bytes, documents, tokens not yet reported
@@ -240,12 +258,16 @@ class _Worker:
             for piece_idx, piece in pieces:
                 counter: dict = {}
                 batch_chars = 0
-                for rec in read_piece(piece, o.text_field, o.text_unit, o.max_document_bytes, o.split, counter):
+                text_field = None if self.chat_tokenizer is not None else o.text_field  # None: the whole record
+                for rec in read_piece(piece, text_field, o.text_unit, o.max_document_bytes, o.split, counter):
                     records += 1
                     if rec.text is None:
                         skips.append([rec.reason, piece_idx, rec.line, rec.detail[:300]])
                         continue
                     text = rec.text
+                    if self.chat_tokenizer is not None:
+                        self._add_example(text, piece_idx, rec.line, out, meta, masks, skips, pending)
+                        continue
                     if cleaner is not None:
                         text, reason = cleaner(text)
                         if reason is not None:
@@ -269,6 +291,8 @@ class _Worker:
         # Data files first, the .json marker last: its presence means the shard is complete.
         arrays = {k: np.asarray(meta[k], dtype=dt) for k, dt in (("length", np.int64), ("piece", np.int32), ("line", np.int64), ("chars", np.int64), ("key", np.uint64))}
         arrays["sig"] = np.asarray(meta["sig"], dtype=np.uint64).reshape(len(meta["sig"]), o.num_perm) if meta["sig"] else np.zeros((0, o.num_perm), np.uint64)
+        if self.chat_tokenizer is not None:
+            arrays["mask"] = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
         np.savez(base + ".meta.tmp.npz", **arrays)
         os.replace(base + ".bin.tmp", base + ".bin")
         os.replace(base + ".meta.tmp.npz", base + ".meta.npz")
@@ -287,14 +311,33 @@ class _Worker:
         return summary
 
 
+    def _add_example(self, text, piece_idx, line, out, meta, masks, skips, pending):
+        """One chat record → ids + [eos] and its loss mask (the EOS after the template's own end is not trained)."""
+        from megakor.data.chat import BadExample, encode_record_line
+
+        try:
+            ids, mask = encode_record_line(self.chat_tokenizer, text)
+        except BadExample as e:
+            skips.append([e.reason, piece_idx, line, str(e)[:300]])
+            return
+        out.write(np.asarray(ids + [self.eos_id], dtype=self.dtype).tobytes())
+        masks.append(np.append(mask, np.uint8(0)))
+        meta["length"].append(len(ids) + 1)
+        meta["piece"].append(piece_idx)
+        meta["line"].append(line)
+        meta["chars"].append(len(text))
+        pending[1] += 1
+        pending[2] += len(ids) + 1
+
+
 _worker: _Worker | None = None
 
 
-def _init_worker(tokenizer_json, eos_id, vocab_size, options, queue, fast_path=False):
+def _init_worker(tokenizer_json, eos_id, vocab_size, options, queue, fast_path=False, tokenizer_path=None):
     # One process per core is our parallelism; the Rust thread pool on top would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker
-    _worker = _Worker(tokenizer_json, eos_id, vocab_size, options, queue, fast_path)
+    _worker = _Worker(tokenizer_json, eos_id, vocab_size, options, queue, fast_path, tokenizer_path)
 
 
 def _run_shard(args):
@@ -406,8 +449,8 @@ def preprocess(
     todo = [(i, [(j, pieces[j]) for j in shards[i]], work_dir) for i in range(len(shards)) if i not in done_ids]
     if done_ids:
         log.info("resuming: %d of %d shards already done", len(done_ids), len(shards))
-    fast = bool(todo) and options.fast_tokenizer and fast_path_supported(tokenizer_json)
-    _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, progress, fast,
+    fast = bool(todo) and options.fast_tokenizer and options.format == "text" and fast_path_supported(tokenizer_json)
+    _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, progress, fast, str(tokenizer_path),
                 total_bytes=sum(p.size for p in pieces), done_bytes=sum(pieces[j].size for i in done_ids for j in shards[i]))
     report = _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id)
     report.update(
@@ -437,7 +480,8 @@ def _write_report(report: dict, report_path: str | None) -> None:
             json.dump(report, f, indent=1, ensure_ascii=False)
 
 
-def _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, progress, fast, total_bytes, done_bytes):
+def _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, progress, fast, tokenizer_path, total_bytes,
+                done_bytes):
     if not todo:
         return
     from tqdm import tqdm
@@ -456,7 +500,7 @@ def _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, prog
     try:
         if workers <= 0:
             queue = _ListQueue()
-            _init_worker(tokenizer_json, eos_id, vocab_size, options, queue, fast)
+            _init_worker(tokenizer_json, eos_id, vocab_size, options, queue, fast, tokenizer_path)
             for job in todo:
                 _run_shard(job)
                 for item in queue.drain():
@@ -465,7 +509,7 @@ def _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, prog
         ctx = mp.get_context("spawn")  # fork after the Rust tokenizer ran in this process can deadlock
         queue = ctx.Queue()
         with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                      initargs=(tokenizer_json, eos_id, vocab_size, options, queue, fast)) as pool:
+                      initargs=(tokenizer_json, eos_id, vocab_size, options, queue, fast, tokenizer_path)) as pool:
             results = pool.imap_unordered(_run_shard, todo)
             finished = 0
             while finished < len(todo):
@@ -505,7 +549,8 @@ def _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id) -> dic
     cleaning = options.clean is not None
     dedup = Deduplicator(options.exact_dedup, options.near_dedup, options.near_dup_threshold, options.num_perm) if cleaning and (
         options.exact_dedup or options.near_dedup) else None
-    writer = IndexedWriter(prefix, vocab_size, eos_id)
+    chat = options.format == "chat"
+    writer = IndexedWriter(prefix, vocab_size, eos_id, with_mask=chat)
     skipped, cleaning_counts = Counter(), Counter()
     records = documents = tokens = characters = 0
     log_path = prefix + ".skipped.log"
@@ -542,7 +587,8 @@ def _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id) -> dic
                 shard_tokens = np.fromfile(base + ".bin", dtype=writer.dtype)
                 if len(shard_tokens) != int(lengths.sum()):
                     raise RuntimeError(f"shard {base}.bin is incomplete; delete {work_dir} and preprocess again")
-                writer.add_many(shard_tokens[np.repeat(keep, lengths)], lengths[keep])
+                kept = np.repeat(keep, lengths)
+                writer.add_many(shard_tokens[kept], lengths[keep], meta["mask"][kept] if chat else None)
                 documents += int(keep.sum())
                 tokens += int(lengths[keep].sum())
                 characters += int(meta["chars"][keep].sum())

@@ -290,9 +290,11 @@ def _problem(line: int, tag: str) -> Record:
     return Record(None, line, reason, detail.strip())
 
 
-def _text_of(obj, text_field: str, line: int) -> Record:
+def _text_of(obj, text_field: str | None, line: int) -> Record:
     if not isinstance(obj, dict):
         return Record(None, line, "malformed_json", f"expected a JSON object, got {type(obj).__name__}")
+    if text_field is None:  # task data: the whole record, which megakor.data.chat reads
+        return Record(json.dumps(obj, ensure_ascii=False), line)
     value = obj.get(text_field)
     if value is None:
         return Record(None, line, "missing_field", f"no {text_field!r} field (keys: {sorted(obj)[:8]})")

@@ -90,6 +90,15 @@ def eval_split(name: str, source, seq_len: int, max_rows: int, bos_id: int | Non
     return EvalSplit(name, rows, characters if tokenizer is not None else None, n)
 
 
+def task_eval_split(name: str, source, max_rows: int) -> EvalSplit:
+    """A task (format: chat) eval source as packed rows of whole examples whose labels are the responses
+    only: eval/<name>_loss is the response-only loss."""
+    from megakor.data.examples import eval_rows
+
+    rows = eval_rows(source, max_rows)
+    return EvalSplit(name, rows, None, int(source.row_start[len(rows)]))
+
+
 @torch.no_grad()
 def evaluate(engine, splits: list[EvalSplit], ps, micro_batch: int, device) -> dict:
     """eval/<name>_loss, eval/<name>_bits_per_char and eval/loss over all DP ranks (bits per character
@@ -300,7 +309,8 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     bos = bos if bos is not None else (tokenizer.eos_token_id if tokenizer is not None else None)
     # The same documents whatever the layout, so eval figures compare across runs.
     max_rows = cfg.train.eval_batches * cfg.train.micro_batch
-    splits = [eval_split(name, src, cfg.train.seq_len, max_rows, bos, tokenizer if rank == 0 else None)
+    splits = [task_eval_split(name, src, max_rows) if getattr(src, "is_task_data", False) else
+              eval_split(name, src, cfg.train.seq_len, max_rows, bos, tokenizer if rank == 0 else None)
               for name, src in eval_sources.items()]
 
     step, state = 0, {"consumed_samples": 0, "consumed_tokens": 0, "data": batches.state_dict()}
@@ -327,9 +337,64 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
                                       cfg.checkpoint.keep, args, hf_config, tok_dir)
         out.info(f"megakor: saved checkpoint {Path(cfg.checkpoint.dir) / checkpointing.tag_for(at)}")
 
+    timer = metrics.StepTimer(device)
+    last_eval, last_saved = {}, step
     try:
-        step, last_eval, last_saved = _steps(cfg, args, engine, ps, device, feed, batches, stop, out, splits, state,
-                                             skips, losses, save, step, rank, world_size, gas, peak, step_tokens)
+        while step < cfg.train.steps:
+            faults.send_usr1_at(step + 1, rank, world_size)  # test hook (faults)
+            # A logging step starts from an idle device, so its time is its own and not the tail of the last.
+            timer.begin(sync=(step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps)
+            lr = lr_from_config(cfg, step + 1)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [next(feed) for _ in range(gas)]
+            timer.data_done()
+            with profiled(cfg, step + 1, rank, device):
+                result = train_step(engine, micro_batches, ps, device, lambda: stop.received is not None,
+                                    faults.inject_nan(step + 1, rank), timer)
+            step += 1
+            loss = losses[step] = result.loss
+            skips.record(result.skipped)
+            state.update(consumed_samples=batches.consumed_samples, data=batches.state_dict(),
+                         consumed_tokens=state["consumed_tokens"] + step_tokens, skipped_steps=skips.total,
+                         consecutive_skipped_steps=skips.consecutive)
+            if step % cfg.logging.log_every == 0 or step == cfg.train.steps or result.skipped:
+                times = timer.finish()  # the device's queue drains here, on logging steps only
+                grad_norm = None if result.skipped else engine.get_global_grad_norm()  # before clipping
+                flops = metrics.step_flops(args, step_tokens, result.attention_square_sum)
+                dense = metrics.step_flops(args, step_tokens, step_tokens * cfg.train.seq_len)
+                perf = metrics.throughput(step_tokens, times["time/step"], world_size, flops, dense, peak)
+                values = {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in perf.items()},
+                          "train/memory_gb": metrics.memory_gb(device), "train/skipped_steps": skips.total, **times}
+                if grad_norm is not None:
+                    values["train/grad_norm"] = float(grad_norm)
+                out.scalars(values, step)
+                out.info(f"step {step}/{cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm "
+                         f"{float(grad_norm or 0):.3f} | {perf['tokens_per_sec']:.0f} tok/s | {perf['tflops_per_device']:.3f} "
+                         "TFLOP/s/device"
+                         + (f" | MFU {perf['mfu']:.1%} ({perf['mfu_dense_attention']:.1%} dense-attention)"
+                            if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB"
+                         + f" | step {times['time/step']:.3f}s = data {times['time/data']:.3f} + fwd/bwd "
+                           f"{times['time/forward_backward']:.3f}"
+                         + (f" + optim {times['time/optimizer']:.3f}" if "time/optimizer" in times else "")
+                         + (f" | SKIPPED (non-finite), {skips.consecutive} in a row" if result.skipped else ""))
+            skips.check(step, str(Path(cfg.checkpoint.dir) / checkpointing.tag_for(last_saved)) if last_saved else None)
+            if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
+                last_eval = evaluate(engine, splits, ps, cfg.train.micro_batch, device)
+                if cfg.train.eval_generate and tokenizer is not None:  # chrF of greedy answers (generation_eval)
+                    from megakor.train.generation_eval import generation_eval
+
+                    tasks = {n: s for n, s in eval_sources.items() if getattr(s, "is_task_data", False)}
+                    last_eval.update(generation_eval(engine, args, tasks, tokenizer, cfg.train.eval_generate,
+                                                     cfg.train.eval_max_new_tokens, rank, device))
+                out.scalars(last_eval, step)
+                out.info(f"eval {step} | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                save(step)
+                last_saved = step
+            if result.stop and step < cfg.train.steps:
+                out.info(f"megakor: stop requested (SIGUSR1/SIGTERM) at step {step}: saving, then exiting for requeue")
+                break
     finally:
         feed.close()
     if last_saved != step and (cfg.checkpoint.save_at_end or step < cfg.train.steps):
@@ -337,62 +402,6 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     out.close()
     dist.barrier()
     return {"step": step, "losses": losses, "eval": last_eval, "preempted": step < cfg.train.steps}
-
-
-def _steps(cfg, args, engine, ps, device, feed, batches, stop, out, splits, state, skips, losses, save, step, rank,
-           world_size, gas, peak, step_tokens):
-    """The training steps from `step` on; returns (last step, last evaluation, last step saved)."""
-    timer = metrics.StepTimer(device)
-    last_eval, last_saved = {}, step
-    while step < cfg.train.steps:
-        faults.send_usr1_at(step + 1, rank, world_size)  # test hook (faults)
-        # A logging step starts from an idle device, so its time is its own and not the tail of the last.
-        timer.begin(sync=(step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps)
-        lr = lr_from_config(cfg, step + 1)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [next(feed) for _ in range(gas)]
-        timer.data_done()
-        with profiled(cfg, step + 1, rank, device):
-            result = train_step(engine, micro_batches, ps, device, lambda: stop.received is not None,
-                                faults.inject_nan(step + 1, rank), timer)
-        step += 1
-        loss = losses[step] = result.loss
-        skips.record(result.skipped)
-        state.update(consumed_samples=batches.consumed_samples, data=batches.state_dict(),
-                     consumed_tokens=state["consumed_tokens"] + step_tokens, skipped_steps=skips.total,
-                     consecutive_skipped_steps=skips.consecutive)
-        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or result.skipped:
-            times = timer.finish()  # the device's queue drains here, on logging steps only
-            grad_norm = None if result.skipped else engine.get_global_grad_norm()  # before clipping
-            flops = metrics.step_flops(args, step_tokens, result.attention_square_sum)
-            dense = metrics.step_flops(args, step_tokens, step_tokens * cfg.train.seq_len)
-            perf = metrics.throughput(step_tokens, times["time/step"], world_size, flops, dense, peak)
-            values = {"train/loss": loss, "train/lr": lr, **{f"train/{k}": v for k, v in perf.items()},
-                      "train/memory_gb": metrics.memory_gb(device), "train/skipped_steps": skips.total, **times}
-            if grad_norm is not None:
-                values["train/grad_norm"] = float(grad_norm)
-            out.scalars(values, step)
-            out.info(f"step {step}/{cfg.train.steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {float(grad_norm or 0):.3f}"
-                     f" | {perf['tokens_per_sec']:.0f} tok/s | {perf['tflops_per_device']:.3f} TFLOP/s/device"
-                     + (f" | MFU {perf['mfu']:.1%} ({perf['mfu_dense_attention']:.1%} dense-attention)"
-                        if "mfu" in perf else "") + f" | {values['train/memory_gb']:.2f} GB"
-                     + f" | step {times['time/step']:.3f}s = data {times['time/data']:.3f} + fwd/bwd "
-                       f"{times['time/forward_backward']:.3f}"
-                     + (f" + optim {times['time/optimizer']:.3f}" if "time/optimizer" in times else "")
-                     + (f" | SKIPPED (non-finite), {skips.consecutive} in a row" if result.skipped else ""))
-        skips.check(step, str(Path(cfg.checkpoint.dir) / checkpointing.tag_for(last_saved)) if last_saved else None)
-        if splits and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps):
-            last_eval = evaluate(engine, splits, ps, cfg.train.micro_batch, device)
-            out.scalars(last_eval, step)
-            out.info(f"eval {step} | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()))
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save(step)
-            last_saved = step
-        if result.stop and step < cfg.train.steps:
-            out.info(f"megakor: stop requested (SIGUSR1/SIGTERM) at step {step}: saving, then exiting for requeue")
-            break
-    return step, last_eval, last_saved
 
 
 @contextlib.contextmanager

@@ -1,0 +1,1 @@
+"""Offline task data for supervised fine-tuning after continued pretraining (see `translation`)."""
