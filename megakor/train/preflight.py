@@ -193,8 +193,9 @@ def _check_source(cfg: Config, section: str, spec, args) -> bool:
                           "preprocess it with; set tokenizer.path or preprocess it first")
     problem = _first_document(inputs, spec)
     if problem is not None:
-        raise ConfigError(f"{what} ({spec.path}) holds no readable document ({problem}); check the files, "
-                          "text_field and text_unit")
+        fields = "the messages or prompt/response fields" if spec.format == "chat" else "text_field and text_unit"
+        raise ConfigError(f"{what} ({spec.path}) holds no readable document ({problem}); check the files and "
+                          f"{fields}")
     return True
 
 
@@ -202,13 +203,26 @@ def _first_document(inputs: list[str], spec) -> str | None:
     """None once a document with text is found, else the first problem seen."""
     from megakor.data.sources import plan_pieces, read_piece
 
+    import json
+
+    from megakor.data.chat import BadExample, messages_of
+
+    chat = spec.format == "chat"  # task examples: whole JSON records, checked as chat messages
     first_problem, seen = None, 0
     for path in inputs:
         try:
             pieces = plan_pieces([path], 1 << 62, spec.text_unit, spec.split)
             for piece in pieces:
-                for record in read_piece(piece, spec.text_field, spec.text_unit, split=spec.split):
+                for record in read_piece(piece, None if chat else spec.text_field, spec.text_unit, split=spec.split):
                     seen += 1
+                    if chat and record.text:
+                        try:
+                            messages_of(json.loads(record.text))
+                            return None
+                        except (BadExample, ValueError) as e:
+                            reason = getattr(e, "reason", "malformed_json")
+                            first_problem = first_problem or f"{Path(path).name} line {record.line}: {reason} {e}"
+                            continue
                     if record.text and record.text.strip():
                         return None
                     if record.reason and first_problem is None:
