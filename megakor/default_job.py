@@ -333,6 +333,7 @@ def run(job: DefaultJob) -> dict:
         "probes_lost": kept["probes_lost"],
         "check": {"question": job.check_question, "answer": answer},
         "ko_bits_per_char_extended_untrained": untrained["ko"]["bits_per_char"],
+        "ko2_bits_per_char_extended_untrained": untrained["ko2"]["bits_per_char"],
         "en_bits_per_char_extended_untrained": untrained["en"]["bits_per_char"],
         "ko_tokens_per_eojeol_before": report["base"]["ko_tokens_per_eojeol"],
         "ko_tokens_per_eojeol_after": report["extended"]["ko_tokens_per_eojeol"],
@@ -365,7 +366,8 @@ def _print_summary(s: dict, out: Path):
     rows = [
         ("Korean bits/char", s["ko_bits_per_char_before"], s["ko_bits_per_char_extended_untrained"],
          s["ko_bits_per_char_after"]),
-        ("Korean (2nd domain) b/c", s["ko2_bits_per_char_before"], None, s["ko2_bits_per_char_after"]),
+        ("Korean, 2nd domain b/c", s["ko2_bits_per_char_before"], s["ko2_bits_per_char_extended_untrained"],
+         s["ko2_bits_per_char_after"]),
         ("English bits/char", s["en_bits_per_char_before"], s["en_bits_per_char_extended_untrained"],
          s["en_bits_per_char_after"]),
         ("base chat answers b/c", s["chat_answers_bits_per_char_base"], None, s["chat_answers_bits_per_char_after"]),
