@@ -49,6 +49,9 @@ class Recipe:
     chat_share: float = 0.0  # share of training sequences from the base's own chat answers (replay set)
 
     def __post_init__(self):
+        for f in fields(self):  # YAML 1.1 reads "5e-05" (no dot) as a string: say so rather than fail later
+            if f.type in ("int", "float") and not isinstance(getattr(self, f.name), (int, float)):
+                raise ValueError(f"recipe {f.name}={getattr(self, f.name)!r} is not a number; write e.g. 5.0e-5")
         if self.new_tokens < 0 or self.stage1_steps < 0 or self.stage2_steps < 0:
             raise ValueError("new_tokens, stage1_steps and stage2_steps count things; give numbers >= 0")
         if self.init not in ("subword", "mean", "random"):

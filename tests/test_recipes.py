@@ -33,5 +33,8 @@ def test_mistakes_are_named(tmp_path):
         Recipe(new_tokens=0, stage1_steps=5)
     with pytest.raises(ValueError, match="Korean keeps a share"):
         Recipe(english_share=0.5, chat_share=0.5)
+    bad.write_text("stage2_lr: 5e-05\n")
+    with pytest.raises(ValueError, match="stage2_lr='5e-05' is not a number"):
+        load_recipe(bad)
     with pytest.raises(ValueError, match="init='zeros'"):
         Recipe(init="zeros")
