@@ -2,6 +2,7 @@
 
     python launch/default_job.py                       # everything under runs/default/
     python launch/default_job.py --new-tokens 8000 --out runs/try2
+    python launch/default_job.py --recipe plain --out runs/plain   # any configs/recipes/*.yaml
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from megakor.default_job import DefaultJob, run
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(DefaultJob):
-        kind = {"int": int, "float": float}.get(f.type, str)  # annotations are strings (PEP 563)
+        # Annotations are strings (PEP 563); "int | None" options default to the recipe's value.
+        kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

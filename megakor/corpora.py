@@ -335,6 +335,33 @@ def korean_documents(cache: str | os.PathLike | None = None) -> list[Document]:
     return konlpy_documents(cache) + debian_faq_ko_documents(cache) + gimp_help_ko_documents(cache)
 
 
+def _libreoffice_help_documents(cache: Path) -> list[Document]:
+    root = fetch_deb("libreoffice-help-ko", cache) / "usr/share/libreoffice/help/ko"
+    documents = []
+    for folder in sorted({page.parent for page in root.rglob("*.html")}):
+        name = folder.relative_to(root).as_posix().replace("/", "-") or "root"
+        documents += _html_documents(f"libreoffice-help-ko/{name}", folder)
+    return [Document(d.id, "libreoffice-help-ko", d.text) for d in documents]
+
+
+def libreoffice_help_ko_documents(cache: str | os.PathLike | None = None) -> list[Document]:
+    """The Korean paragraphs of LibreOffice's help (Debian package `libreoffice-help-ko`): office
+    software, a domain no training source covers. Never trained on: a second held-out Korean domain."""
+    return _cached(cache_dir(cache), "libreoffice-help-ko", _libreoffice_help_documents)
+
+
+def prepare_heldout_domain(cache: str | os.PathLike | None = None) -> Path:
+    """`<cache>/corpora/ko2.heldout.jsonl`: the LibreOffice help, all of it held out, in the order of a
+    hash of each document id (so a prefix of the file is a sample of the whole manual)."""
+    root = cache_dir(cache)
+    path = root / "corpora" / f"v{_EXTRACT_VERSION}-ko2" / "ko2.heldout.jsonl"
+    if not path.exists():
+        documents = libreoffice_help_ko_documents(root)
+        documents.sort(key=lambda d: hashlib.sha256(d.id.encode("utf-8")).digest())
+        write_jsonl(documents, path)
+    return path
+
+
 def english_documents() -> list[Document]:
     """English replay documents (Python's help topics)."""
     return pydoc_topics_documents()

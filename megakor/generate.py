@@ -107,6 +107,33 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def repetition_penalty_filter(logits: torch.Tensor, sequences: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of every token already in the row
+    (prompt included) is divided by `penalty` if positive, multiplied if negative."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty={penalty} must be positive; 1.0 means no penalty")
+    seen = torch.gather(logits, 1, sequences)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, sequences, seen)
+
+
+def no_repeat_ngram_filter(logits: torch.Tensor, sequences: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram already present
+    in the row (prompt included) gets -inf."""
+    if n <= 0:
+        raise ValueError(f"no_repeat_ngram_size={n} must be positive; 0 means no constraint")
+    length = sequences.shape[1]
+    if length + 1 < n:
+        return logits
+    logits = logits.clone()
+    for row, seq in enumerate(sequences.tolist()):
+        prefix = seq[length - n + 1:]
+        banned = [seq[i + n - 1] for i in range(length - n + 1) if seq[i:i + n - 1] == prefix]
+        if banned:
+            logits[row, banned] = float("-inf")
+    return logits
+
+
 def _eos_tensor(eos_token_id, device) -> torch.Tensor:
     if eos_token_id is None:
         return torch.empty(0, dtype=torch.long, device=device)
@@ -118,13 +145,16 @@ def _eos_tensor(eos_token_id, device) -> torch.Tensor:
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool | str = False, generator: torch.Generator | None = None) -> torch.Tensor:
+             early_stopping: bool | str = False, generator: torch.Generator | None = None,
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> torch.Tensor:
     """Prompt plus generated token ids, [B, prompt + generated], as transformers' `generate` returns them.
 
     input_ids: [B, T] prompts of one length. eos_token_id: one id or several; a row stops at the first.
     pad_token_id fills rows that stopped early (default: the first EOS id). do_sample draws from
     softmax(logits / temperature) restricted to the top_p nucleus, with `generator` for reproducibility;
     num_beams > 1 runs beam search (deterministic; beam sampling is not supported).
+    repetition_penalty (> 1 discourages tokens already in the row) and no_repeat_ngram_size (> 0 forbids
+    repeating an n-gram) act as transformers' processors of the same names, before temperature and top-p.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, prompt_len] with a non-empty prompt, got {tuple(input_ids.shape)}")
@@ -136,6 +166,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: 
         raise ValueError(f"temperature={temperature} must be positive; use do_sample=False for greedy decoding")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
+    if num_beams > 1 and (repetition_penalty != 1.0 or no_repeat_ngram_size):
+        raise ValueError("repetition_penalty and no_repeat_ngram_size are supported with num_beams=1 only")
     if max_new_tokens <= 0:
         return input_ids.clone()
     eos = _eos_tensor(eos_token_id, input_ids.device)
@@ -146,14 +178,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: 
     try:
         if num_beams == 1:
             return _sample(model, input_ids, max_new_tokens, eos, pad_token_id, do_sample, temperature, top_p,
-                           generator)
+                           generator, repetition_penalty, no_repeat_ngram_size)
         return _beam_search(model, input_ids, max_new_tokens, eos, pad_token_id, num_beams, length_penalty,
                             early_stopping)
     finally:
         model.train(was_training)
 
 
-def _sample(model, input_ids, max_new_tokens, eos, pad_token_id, do_sample, temperature, top_p, generator):
+def _sample(model, input_ids, max_new_tokens, eos, pad_token_id, do_sample, temperature, top_p, generator,
+            repetition_penalty=1.0, no_repeat_ngram_size=0):
     """Greedy (argmax) or multinomial sampling, one token per row per step."""
     B, prompt_len = input_ids.shape
     cache = KVCache(model, B, prompt_len + max_new_tokens)
@@ -163,6 +196,10 @@ def _sample(model, input_ids, max_new_tokens, eos, pad_token_id, do_sample, temp
     for step in range(max_new_tokens):
         if step:
             logits = next_token_logits(model, cache, sequences[:, -1:])
+        if repetition_penalty != 1.0:
+            logits = repetition_penalty_filter(logits, sequences, repetition_penalty)
+        if no_repeat_ngram_size:
+            logits = no_repeat_ngram_filter(logits, sequences, no_repeat_ngram_size)
         if do_sample:
             scores = logits / temperature if temperature != 1.0 else logits
             if top_p < 1.0:

@@ -71,6 +71,28 @@ def test_matches_transformers(loaded, family, num_beams):
     assert got.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("penalty,ngram", [(1.3, 0), (1.0, 2), (0.7, 3), (1.2, 3)])
+def test_repetition_settings_match_transformers(loaded, penalty, ngram):
+    ref, model, stops = loaded("tied")
+    ids = _prompt().repeat(1, 2)[:, :PROMPT_LEN]  # a prompt that repeats itself, so n-grams recur
+    ids = torch.cat([ids, ids], dim=0)  # two rows: the n-gram bans are per row
+    ids[1, -1] = 5
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=2 * NEW_TOKENS, do_sample=False, repetition_penalty=penalty,
+                                no_repeat_ngram_size=ngram)
+    got = generate(model, ids, 2 * NEW_TOKENS, stops.eos_token_id, stops.pad_token_id, repetition_penalty=penalty,
+                   no_repeat_ngram_size=ngram)
+    assert got.tolist() == expected.tolist()
+    if ngram:  # and the constraint holds: no generated token completes an n-gram seen before it
+        eos = set(stops.eos_token_id if isinstance(stops.eos_token_id, list) else [stops.eos_token_id])
+        for row in got.tolist():
+            for j in range(PROMPT_LEN, len(row)):
+                if row[j] in eos:
+                    break
+                earlier = {tuple(row[i:i + ngram]) for i in range(j - ngram + 1)}
+                assert tuple(row[j - ngram + 1:j + 1]) not in earlier
+
+
 @pytest.mark.parametrize("num_beams,early_stopping,length_penalty",
                          [(1, False, 1.0), (3, True, 1.0), (3, "never", 2.0), (2, False, 0.5)])
 def test_stops_at_eos_like_transformers(loaded, num_beams, early_stopping, length_penalty):

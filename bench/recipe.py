@@ -1,0 +1,302 @@
+"""megakor's Korean recipe against plain continued pretraining at equal training tokens, on SmolLM2-135M, CPU.
+
+Every arm is a recipe under configs/recipes/ (the default job reads the same files). All arms train on
+the same Korean and English data (the default job's corpora and blend, the run config's batches:
+4 × 256 tokens a step, cosine schedule, AdamW) for the same number of training tokens, and are scored
+on the same held-out text:
+  ko   the default job's held-out Korean documents (same sources as training, never trained on)
+  ko2  LibreOffice's Korean help (Debian's libreoffice-help-ko), a domain held out whole
+  en   held-out English prose (Python's help topics)
+as bits per character (each model with its own tokenizer), every --eval-every steps, plus retention of
+what the base could do (megakor/retention.py): its own chat answers' bits per character relative to
+the base, and the factual probes it answers right that stay right.
+
+Arms run in one process, one after another (no DeepSpeed: a single CPU process needs no sharding, and
+the batches are the trainer's own, which do not depend on the data-parallel layout). The trainer's
+step is reproduced exactly: loss summed over the global batch's labelled tokens, gradient clipping at
+1.0, torch AdamW (what DeepSpeed runs on CPU), stage 1 masking the base rows as train.freeze does.
+
+    python bench/recipe.py                                  # every recipe under configs/recipes/
+    python bench/recipe.py --arms plain,default --out runs/bench/recipe
+    python bench/recipe.py --plot-only                     # redraw the PNGs and the table from results.json
+
+Each arm's final export is kept at OUT/<arm>/hf (transformers loads it); the figures accumulate in
+OUT/results.json (arms already there are skipped unless --rerun), the curves in bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from megakor.default_job import Recipe, load_recipe, prepare_start, recipe_sources, RECIPES  # noqa: E402
+
+SPLITS = ("ko", "ko2", "en")
+BASELINE = "plain"
+
+
+def held_out_splits(cache, eval_chars: int) -> dict[str, list[str]]:
+    """The leading documents of each held-out split, up to `eval_chars` characters (the default job's
+    reader, so both score the same text)."""
+    from megakor.corpora import prepare_corpora, prepare_heldout_domain
+    from megakor.default_job import _read_jsonl
+
+    corpora = prepare_corpora(cache)
+    return {"ko": _read_jsonl(corpora["ko.heldout"], eval_chars),
+            "ko2": _read_jsonl(prepare_heldout_domain(cache), eval_chars),
+            "en": _read_jsonl(corpora["en.heldout"], eval_chars)}
+
+
+def evaluate_model(model, tokenizer, splits: dict[str, list[str]], seq_len: int) -> dict[str, float]:
+    from megakor.evaluate import evaluate_texts
+
+    return {name: evaluate_texts(model, tokenizer, texts, seq_len)["bits_per_char"] for name, texts in splits.items()}
+
+
+def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None, cfg, on_step) -> None:
+    """One stage, the trainer's step in one process: summed NLL / labelled tokens of the global batch,
+    clip to cfg.train.grad_clip, AdamW at the cosine schedule's rate (warmup, then down to lr/10)."""
+    from megakor.train.schedule import lr_at
+
+    model.train_only_vocab_rows_from(freeze_below)
+    for name, p in model.named_parameters():
+        p.requires_grad_(freeze_below is None or name == "tok_embeddings.weight")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.optim.schedule, lr, lr / 10, cfg.optim.warmup_steps, steps)
+        b = next(batches)
+        tokens = max(int((b["labels"] != -100).sum()), 1)
+        loss = model(b["input_ids"], b["position_ids"], b["labels"], reduction="sum") / tokens
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        on_step(float(loss))
+    model.train_only_vocab_rows_from(None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def stage_flops(args, seq_len: int, tokens: int, frozen_body: bool) -> float:
+    """Training FLOPs of `tokens`: 6N per token (+ attention) for all weights; with every matrix frozen
+    (stage 1) the weight gradients (2N) are not computed, only activation gradients."""
+    from megakor.train.metrics import flops_per_token, matmul_parameters
+
+    per_token = flops_per_token(args, seq_len) - (2.0 * matmul_parameters(args) if frozen_body else 0.0)
+    return per_token * tokens
+
+
+def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
+    from megakor.checkpoint.hf import save_hf_checkpoint
+    from megakor.config import load_config
+    from megakor.data.blend import BatchIterator, build_datasets
+    from megakor.model import build_model
+    from megakor.retention import answer_bits_per_char, retention
+    from megakor.tokenizer import load_tokenizer
+
+    out, t0 = ctx["out"], time.time()
+    cfg = load_config(ctx["config"])
+    tok_dir, start = prepare_start(recipe, ctx["base"], ctx["corpora"]["ko.train"], out / "work")
+    tokenizer = load_tokenizer(tok_dir)
+    sources = recipe_sources(recipe, ctx["corpora"], ctx["chat_replay"])
+    model, ckpt = build_model(str(start), loss_chunk_tokens=cfg.model.loss_chunk_tokens)
+    args = ckpt.args
+    first_new = ckpt.args.vocab_size - recipe.new_tokens if recipe.new_tokens else None
+    if first_new is not None:
+        from megakor.checkpoint.resize import base_vocab_size
+
+        first_new = base_vocab_size(tok_dir)
+    step_tokens = cfg.train.global_batch * cfg.train.seq_len
+    curve, losses, flops = [], [], 0.0
+
+    def point(step: int):
+        bpc = evaluate_model(model, tokenizer, ctx["curve_splits"], ctx["eval_seq_len"])
+        curve.append({"step": step, "tokens": step * step_tokens, "flops": flops, **bpc})
+        print(f"  [{name}] step {step:3d} ({step * step_tokens:6d} tokens, {time.time() - t0:5.0f} s): "
+              + "  ".join(f"{k} {v:.4f}" for k, v in bpc.items()), flush=True)
+
+    point(0)
+    done = 0
+    for steps, lr, freeze in ((recipe.stage1_steps, recipe.stage1_lr, first_new), (recipe.stage2_steps, recipe.stage2_lr, None)):
+        if not steps:
+            continue
+        # Each stage is its own trainer run in the default job: its data starts from the blend's beginning.
+        train_set, _ = build_datasets(sources, None, str(tok_dir), cfg.train.seq_len, cfg.train.seed,
+                                      str(out / "work" / "data"), 1)
+        batches = BatchIterator(train_set, cfg.train.global_batch, cfg.train.global_batch)
+        stage_frozen = freeze is not None
+
+        def on_step(loss, stage_frozen=stage_frozen):
+            nonlocal done, flops
+            done += 1
+            flops += stage_flops(args, cfg.train.seq_len, step_tokens, stage_frozen)
+            losses.append(loss)
+            if done % eval_every == 0 and done != recipe.steps:
+                point(done)
+
+        train_stage(model, batches, steps, lr, freeze, cfg, on_step)
+    point(done)
+    train_seconds = time.time() - t0
+    final = evaluate_model(model, tokenizer, ctx["splits"], ctx["eval_seq_len"])
+
+    hf = out / name / "hf"
+    base_config = json.loads((Path(start) / "config.json").read_text())
+    save_hf_checkpoint(model.state_dict(), args, hf, base_config=base_config, tokenizer_dir=tok_dir)
+    chat = answer_bits_per_char(model, tokenizer, [tuple(p) for p in ctx["reference"]["heldout"]])
+    del model
+    kept = retention(hf, ctx["reference"], ctx["base_chat_bpc"], chat_bits_per_char=chat["bits_per_char"])
+    return {"recipe": recipe.__dict__, "train_tokens": recipe.steps * step_tokens, "train_flops": flops,
+            "vocab_size": args.vocab_size, **{f"{k}_bits_per_char": final[k] for k in ctx["splits"]},
+            **kept, "curve": curve, "loss": losses, "train_seconds": round(train_seconds, 1),
+            "seconds": round(time.time() - t0, 1), "hf_export": str(hf), "load": os.getloadavg()[0]}
+
+
+def base_figures(ctx: dict) -> dict:
+    """The untrained base with its own tokenizer: bits per character on every split and its own chat
+    answers (the retention reference's denominator)."""
+    from megakor.model import build_model
+    from megakor.retention import answer_bits_per_char
+    from megakor.tokenizer import load_tokenizer
+
+    model, _ = build_model(str(ctx["base"]))
+    tok = load_tokenizer(ctx["base"])
+    bpc = evaluate_model(model, tok, ctx["splits"], ctx["eval_seq_len"])
+    curve = evaluate_model(model, tok, ctx["curve_splits"], ctx["eval_seq_len"])
+    chat = answer_bits_per_char(model, tok, [tuple(p) for p in ctx["reference"]["heldout"]])
+    return {**{f"{k}_bits_per_char": v for k, v in bpc.items()}, "curve": curve, "chat_bits_per_char": chat["bits_per_char"],
+            "chat_answers": chat["answers"], "chat_chars": chat["chars"]}
+
+
+def table(results: dict) -> str:
+    base, arms = results["base"], results["arms"]
+    plain = arms.get(BASELINE)
+    head = (f"{'arm':22}{'tokens':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
+            f"{'ko/plain':>9}{'ko2/plain':>10}")
+    lines = [head, f"{'base (untrained)':22}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
+             + f"{1.0:>7.3f}{'-':>8}"]
+    for name, a in arms.items():
+        ratios = "".join(f"{a[f'{k}_bits_per_char'] / plain[f'{k}_bits_per_char']:>{w}.3f}" if plain else f"{'-':>{w}}"
+                         for k, w in (("ko", 9), ("ko2", 10)))
+        lines.append(f"{name:22}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
+                     + "".join(f"{a[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
+                     + f"{a['chat_bits_per_char_ratio']:>7.3f}{a['probes_kept']:>4}/{a['probes_base_right']:<3}" + ratios)
+    return "\n".join(lines)
+
+
+def plot(results: dict, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    titles = {"ko": "held-out Korean (training sources)", "ko2": "held-out Korean domain (LibreOffice help)",
+              "en": "held-out English (Python help topics)"}
+    paths = []
+    for split in SPLITS:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, a in results["arms"].items():
+            xs = [p["tokens"] for p in a["curve"]]
+            ys = [p[split] for p in a["curve"]]
+            ax.plot(xs, ys, marker="o", markersize=3, label=name, linewidth=2.2 if name in ("default", BASELINE) else 1.2)
+        ax.axhline(results["base"]["curve"][split], color="grey", linestyle=":", label="base (own tokenizer)")
+        ax.set_xlabel(f"training tokens (curves: first {results['settings']['curve_chars']:,} characters of the split)")
+        ax.set_ylabel("bits per character")
+        ax.set_title(f"SmolLM2-135M: {titles[split]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = folder / f"recipe_{split}_bpc.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default=None, help="comma-separated recipe names under configs/recipes/ (default: all)")
+    ap.add_argument("--out", default="runs/bench/recipe", help="arms' exports and results.json")
+    ap.add_argument("--results", default=str(REPO / "bench" / "results"), help="where the PNGs and a copy of results.json go")
+    ap.add_argument("--cache", default=None, help="download cache ($MEGAKOR_CACHE or ~/.cache/megakor)")
+    ap.add_argument("--eval-chars", type=int, default=12000, help="characters of each held-out split (the default job's)")
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-every", type=int, default=10, help="steps between evaluations during training")
+    ap.add_argument("--curve-chars", type=int, default=2500,
+                    help="characters of each split scored at the points of the curves (the final figures use --eval-chars)")
+    ap.add_argument("--config", default=str(REPO / "configs/runs/smollm2_korean_cpu.yaml"), help="run config (batches, schedule)")
+    ap.add_argument("--rerun", action="store_true", help="train arms again even if results.json has them")
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (on a shared CPU a second OpenMP thread mostly spin-waits; run arms as "
+                         "separate processes instead)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"arms": {}}
+    names = a.arms.split(",") if a.arms else sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    if not a.plot_only:
+        from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
+        from megakor.corpora import prepare_corpora
+        from megakor.retention import base_reference, write_replay_jsonl
+        from megakor.tokenizer import load_tokenizer
+
+        recipes = {n: load_recipe(n) for n in names}  # every file validated before an hour of training
+        base = out / "base"
+        if not (base / "config.json").exists():
+            convert_gguf_to_hf(fetch_smollm2_gguf(a.cache), base)
+        ctx = {"out": out, "base": base, "config": a.config, "corpora": prepare_corpora(a.cache),
+               "splits": held_out_splits(a.cache, a.eval_chars), "curve_splits": held_out_splits(a.cache, a.curve_chars),
+               "eval_seq_len": a.eval_seq_len,
+               "reference": base_reference(base, a.cache)}
+        ctx["chat_replay"] = write_replay_jsonl(ctx["reference"], load_tokenizer(base), out / "work" / "chat_replay.jsonl")
+        settings = {"eval_chars": a.eval_chars, "eval_seq_len": a.eval_seq_len, "curve_chars": a.curve_chars,
+                    "eval_documents": {k: len(v) for k, v in ctx["splits"].items()}}
+        if results.get("settings", settings) != settings:
+            results = {"arms": {}}  # figures measured on other text do not compare
+        results["settings"] = settings
+        if "base" not in results:
+            results["base"] = base_figures(ctx)
+            results_path.write_text(json.dumps(results, indent=1))
+        ctx["base_chat_bpc"] = results["base"]["chat_bits_per_char"]
+        for name in names:
+            if name in results["arms"] and not a.rerun:
+                print(f"{name}: in {results_path} already (--rerun to train again)")
+                continue
+            print(f"{name}: {recipes[name].description} (load {os.getloadavg()[0]:.1f})", flush=True)
+            results["arms"][name] = run_arm(name, recipes[name], ctx, a.eval_every)
+            # Re-read before writing: another invocation may have added arms meanwhile.
+            merged = json.loads(results_path.read_text()) if results_path.exists() else {"arms": {}}
+            if merged.get("settings") == results["settings"]:
+                results["arms"] = {**merged["arms"], **results["arms"]}
+            results_path.write_text(json.dumps(results, indent=1))
+            print(table(results), flush=True)
+    results_dir = Path(a.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    slim = {**results, "arms": {k: {kk: vv for kk, vv in v.items() if kk != "loss"} for k, v in results["arms"].items()}}
+    (results_dir / "recipe.json").write_text(json.dumps(slim, indent=1))
+    for p in plot(results, results_dir):
+        print(f"curves: {p}")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
