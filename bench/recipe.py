@@ -104,7 +104,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     from megakor.checkpoint.hf import save_hf_checkpoint
     from megakor.config import load_config
     from megakor.data.blend import BatchIterator, build_datasets
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
     from megakor.retention import answer_bits_per_char, retention
     from megakor.tokenizer import load_tokenizer
 
@@ -168,7 +168,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
 def base_figures(ctx: dict) -> dict:
     """The untrained base with its own tokenizer: bits per character on every split and its own chat
     answers (the retention reference's denominator)."""
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
     from megakor.retention import answer_bits_per_char
     from megakor.tokenizer import load_tokenizer
 

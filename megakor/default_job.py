@@ -237,7 +237,7 @@ def run(job: DefaultJob) -> dict:
     from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
     from megakor.config import load_config
     from megakor.corpora import prepare_corpora, prepare_heldout_domain
-    from megakor.model import build_model
+    from megakor.checkpoint.source import build_model
     from megakor.retention import answer_bits_per_char, base_reference, retention, write_replay_jsonl
     from megakor.tokenizer import load_tokenizer
     from megakor.tokenizer.fertility import fertility_report, format_report

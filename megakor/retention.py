@@ -253,7 +253,7 @@ def retention(model_dir: str | os.PathLike, reference: dict, base_bits_per_char:
     `chat_bits_per_char` if already scored), and the probes the base answers right that the model
     still answers right."""
     if chat_bits_per_char is None:
-        from megakor.model import build_model
+        from megakor.checkpoint.source import build_model
         from megakor.tokenizer import load_tokenizer
 
         model, _ = build_model(str(model_dir))

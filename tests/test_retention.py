@@ -11,7 +11,7 @@ import transformers
 
 from megakor import retention
 from megakor.corpora import CorpusUnavailable
-from megakor.model import build_model
+from megakor.checkpoint.source import build_model
 from megakor.tokenizer import load_tokenizer
 
 from conftest import make_hf_checkpoint
