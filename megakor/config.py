@@ -375,9 +375,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if p.timeout_seconds < 1:
         raise ConfigError(f"parallel.timeout_seconds={p.timeout_seconds} must be at least 1 (seconds)")
     if cfg.train.eval_generate and (p.tensor > 1 or p.pipeline > 1):
-        raise ConfigError(f"train.eval_generate decodes on one rank's full copy of the model, which needs "
-                          f"parallel.tensor=1 and parallel.pipeline=1; set train.eval_generate=0 and score the "
-                          f"export with launch/evaluate.py --generate")
+        raise ConfigError("train.eval_generate decodes on one rank's full copy of the model, which needs "
+                          "parallel.tensor=1 and parallel.pipeline=1; set train.eval_generate=0 and score the "
+                          "export with launch/evaluate.py --generate")
     if world_size is not None:
         validate_schedule(cfg)
         model_parallel = p.tensor * p.pipeline

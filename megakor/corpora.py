@@ -186,19 +186,24 @@ def _downloads(cache: Path) -> Path:
     return path
 
 
-def fetch_konlpy_wheel(cache: str | os.PathLike | None = None) -> Path:
-    """The konlpy wheel in the cache, downloaded with `pip download --no-deps` on first use."""
+def fetch_pypi_wheel(package: str, version: str, filename: str, cache: str | os.PathLike | None = None) -> Path:
+    """A wheel (`filename`) of `package`==`version` in the cache, downloaded with `pip download --no-deps`
+    on first use."""
     downloads = _downloads(cache_dir(cache))
-    name = f"konlpy-{KONLPY_VERSION}-py2.py3-none-any.whl"
-    if not (downloads / name).exists():
+    if not (downloads / filename).exists():
         # Download into a private folder and move, so concurrent callers never see half a file.
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
             _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                  f"konlpy=={KONLPY_VERSION}", "-d", tmp], Path(tmp),
-                 f"fetch it where PyPI is reachable with `pip download --no-deps konlpy=={KONLPY_VERSION} "
+                  f"{package}=={version}", "-d", tmp], Path(tmp),
+                 f"fetch it where PyPI is reachable with `pip download --no-deps {package}=={version} "
                  f"-d {downloads}`")
-            os.replace(Path(tmp) / name, downloads / name)
-    return downloads / name
+            os.replace(Path(tmp) / filename, downloads / filename)
+    return downloads / filename
+
+
+def fetch_konlpy_wheel(cache: str | os.PathLike | None = None) -> Path:
+    """The konlpy wheel in the cache."""
+    return fetch_pypi_wheel("konlpy", KONLPY_VERSION, f"konlpy-{KONLPY_VERSION}-py2.py3-none-any.whl", cache)
 
 
 def fetch_deb(package: str, cache: str | os.PathLike | None = None) -> Path:

@@ -147,7 +147,7 @@ def evaluate_file(model, tokenizer, path, seq_len: int = 2048, max_docs: int | N
 
 def read_task_examples(path: str | Path, max_docs: int | None = None) -> tuple[list[dict], dict]:
     """(chat records, skipped counts) from a task JSONL file (`messages` or `prompt`/`response` per line)."""
-    from megakor.data.chat import BadExample, messages_of
+    from megakor.data.chat import messages_of
 
     p = Path(path)
     if not p.is_file():

