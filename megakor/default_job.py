@@ -179,10 +179,13 @@ def _train_stage(job: DefaultJob, name: str, init_from: Path, sources: list[dict
     from megakor.parallel import free_port
     from megakor.train.metrics import read_scalars
 
+    from megakor.config import load_config
+
     out = Path(job.out) / name
+    warmup = min(load_config(job.config).optim.warmup_steps, steps)  # a short stage warms up within itself
     overrides = [f"model.init_from={init_from}", f"tokenizer.path={init_from}", f"train.freeze={freeze}",
                  f"data.sources={json.dumps(sources)}", f"data.cache_dir={Path(job.out) / 'cache'}",
-                 f"train.steps={steps}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}",
+                 f"train.steps={steps}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}", f"optim.warmup_steps={warmup}",
                  f"checkpoint.dir={out / 'checkpoints'}", f"logging.tensorboard_dir={out / 'tensorboard'}"]
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
