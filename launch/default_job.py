@@ -7,23 +7,17 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import sys
 
+from megakor.config import parse_job_arguments
 from megakor.default_job import DefaultJob, run
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DefaultJob):
-        # Annotations are strings (PEP 563); "int | None" options default to the recipe's value.
-        kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    ns = ap.parse_args(argv)
+    job = parse_job_arguments(DefaultJob, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(DefaultJob(**vars(ns)))
+    run(job)
     return 0
 
 

@@ -6,22 +6,17 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import sys
 
+from megakor.config import parse_job_arguments
 from megakor.finetune_job import FinetuneJob, run
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(FinetuneJob):
-        kind = {"int": int, "float": float}.get(f.type, str)  # annotations are strings (PEP 563)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    ns = ap.parse_args(argv)
+    job = parse_job_arguments(FinetuneJob, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(FinetuneJob(**vars(ns)))
+    run(job)
     return 0
 
 

@@ -444,5 +444,18 @@ def validate_model_layout(cfg: Config, num_heads: int, num_kv_heads: int, num_la
         raise ConfigError(f"parallel.pipeline={pp} exceeds the model's {num_layers} layers; use at most {num_layers}")
 
 
+def parse_job_arguments(cls, argv, description: str):
+    """A job dataclass (DefaultJob, FinetuneJob) from `--field-name value` options, one per field, each
+    defaulting to the field's default. Annotations are strings (PEP 563): "int" and "int | None" parse
+    as int, "float" likewise, anything else as a string; None keeps a "... | None" field unset."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+    return cls(**vars(ap.parse_args(argv)))
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)

@@ -62,3 +62,14 @@ def test_impossible_layouts_fail_in_one_sentence():
                          ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_loads(path: Path):
     load_config(path)
+
+
+def test_job_options_parse_to_the_dataclass_field_types():
+    from megakor.config import parse_job_arguments
+    from megakor.default_job import DefaultJob
+
+    job = parse_job_arguments(DefaultJob, ["--stage1-steps", "2", "--stage2-lr", "1e-4", "--out", "x"], "")
+    assert (job.stage1_steps, job.stage2_lr, job.out) == (2, 1e-4, "x")
+    assert job.new_tokens is None  # "int | None": the recipe's value unless given
+    with pytest.raises(SystemExit):
+        parse_job_arguments(DefaultJob, ["--stage1-steps", "two"], "")

@@ -121,7 +121,8 @@ def test_both_varlen_signatures_get_a_causal_gqa_call(monkeypatch):
         monkeypatch.setattr(attn, "torch_varlen_attn", fn)
         outs.append(attn._torch_varlen(q, k, v, cu, 7, None))
     assert seen == {"2.11": (-1, 0), "2.12": ((-1, 0), True), "2.10": (True, 4)}
-    torch.testing.assert_close(outs[0], outs[1]) and torch.testing.assert_close(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
     monkeypatch.setattr(attn, "torch_varlen_attn", torch_2_12)
     attn._torch_varlen(q, k, v, cu, 7, 4)
     assert seen["2.12"] == ((3, 0), True)  # Mistral's window W attends to the W-1 previous tokens
