@@ -51,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20, help="training steps of each real-path run")
-    ap.add_argument("--real-runs", default="zero3,zero2,zero3_leaf,zero3_gathered",
+    ap.add_argument("--real-runs", default="zero3,zero2,zero3_per_layer,zero3_gathered",
                     help=f"which real-path runs, in order, of {', '.join(RUNS)}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--smoke", action="store_true", help="CPU, debug preset, tiny sizes: checks the plumbing")
@@ -281,10 +281,11 @@ def synthetic_corpus(prefix: Path, vocab: int, eos: int, tokens_needed: int, lo:
     return str(prefix)
 
 
-# zero3_gathered keeps ZeRO-3's per-use gathers of every parameter above 10·h elements, as on several
+# zero3 gathers each decoder block as one leaf module (the default); zero3_per_layer hooks every linear
+# layer, as DeepSpeed does by default. zero3_gathered keeps ZeRO-3's per-use gathers of every parameter above 10·h elements, as on several
 # data-parallel ranks (with one rank megakor keeps parameters whole: `zero_settings`).
 RUNS = {"zero3": ["parallel.zero_stage=3", "logging.profile_step=5"], "zero2": ["parallel.zero_stage=2"],
-        "zero3_leaf": ["parallel.zero_stage=3", "parallel.zero3_leaf_modules=true"],
+        "zero3_per_layer": ["parallel.zero_stage=3", "parallel.zero3_leaf_modules=false"],
         "zero3_gathered": ["parallel.zero_stage=3", "deepspeed.config={work}/gathered.json"],
         "zero3_chunk4096": ["parallel.zero_stage=3", "model.loss_chunk_tokens=4096"]}
 

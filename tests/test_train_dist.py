@@ -27,7 +27,9 @@ from dist_utils import REPO, check, free_port, launch, rank_env, read_scalars, w
 CONFIG = "configs/runs/tiny_cpu.yaml"
 # tp2 also reads a DeepSpeed JSON that adds fields and repeats one of ours; tp2dp2 also recomputes
 # activations in backward. Neither may change a number.
-LAYOUTS = {"single": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tensor=2", "deepspeed.config={ds_json}"]),
+# tp2 also gathers parameters per linear layer (zero3_leaf_modules=false) rather than per decoder block.
+LAYOUTS = {"single": (1, []), "dp2": (2, []),
+           "tp2": (2, ["parallel.tensor=2", "deepspeed.config={ds_json}", "parallel.zero3_leaf_modules=false"]),
            "tp2dp2": (4, ["parallel.tensor=2", "model.activation_checkpointing=true"])}
 EVAL_TEXTS = [
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, "
