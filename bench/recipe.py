@@ -62,14 +62,17 @@ def evaluate_model(model, tokenizer, splits: dict[str, list[str]], seq_len: int)
     return {name: evaluate_texts(model, tokenizer, texts, seq_len)["bits_per_char"] for name, texts in splits.items()}
 
 
-def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None, cfg, on_step) -> None:
+def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None, cfg, on_step,
+                frozen_layers: range = range(0)) -> None:
     """One stage, the trainer's step in one process: summed NLL / labelled tokens of the global batch,
-    clip to cfg.train.grad_clip, AdamW at the cosine schedule's rate (warmup, then down to lr/10)."""
+    clip to cfg.train.grad_clip, AdamW at the cosine schedule's rate (warmup, then down to lr/10).
+    Decoder layers in `frozen_layers` keep their weights."""
     from megakor.train.schedule import lr_at
 
     model.train_only_vocab_rows_from(freeze_below)
+    frozen = tuple(f"layers.{i}." for i in frozen_layers)
     for name, p in model.named_parameters():
-        p.requires_grad_(freeze_below is None or name == "tok_embeddings.weight")
+        p.requires_grad_((freeze_below is None and not name.startswith(frozen)) or name == "tok_embeddings.weight")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
@@ -90,12 +93,18 @@ def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None,
         p.requires_grad_(True)
 
 
-def stage_flops(args, seq_len: int, tokens: int, frozen_body: bool) -> float:
-    """Training FLOPs of `tokens`: 6N per token (+ attention) for all weights; with every matrix frozen
-    (stage 1) the weight gradients (2N) are not computed, only activation gradients."""
+def stage_flops(args, seq_len: int, tokens: int, frozen_body: bool, frozen_layers: int = 0) -> float:
+    """Training FLOPs of `tokens`: 6N per token (+ attention) for all weights; the weight gradients (2 FLOPs
+    per weight and token) of frozen matrices are not computed: every matrix in stage 1 (only activation
+    gradients flow), the frozen decoder layers' in stage 2."""
     from megakor.train.metrics import flops_per_token, matmul_parameters
 
-    per_token = flops_per_token(args, seq_len) - (2.0 * matmul_parameters(args) if frozen_body else 0.0)
+    per_token = flops_per_token(args, seq_len)
+    if frozen_body:
+        per_token -= 2.0 * matmul_parameters(args)
+    elif frozen_layers:
+        per_layer = (matmul_parameters(args) - args.vocab_size * args.hidden_size) / args.num_layers
+        per_token -= 2.0 * per_layer * frozen_layers
     return per_token * tokens
 
 
@@ -142,19 +151,31 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
         def on_step(loss, stage_frozen=stage_frozen):
             nonlocal done, flops
             done += 1
-            flops += stage_flops(args, cfg.train.seq_len, step_tokens, stage_frozen)
+            flops += stage_flops(args, cfg.train.seq_len, step_tokens, stage_frozen,
+                                 0 if stage_frozen else len(recipe.frozen_layer_range()))
             losses.append(loss)
             if done % eval_every == 0 and done != recipe.steps:
                 point(done)
 
-        train_stage(model, batches, steps, lr, freeze, cfg, on_step)
+        train_stage(model, batches, steps, lr, freeze, cfg, on_step,
+                    recipe.frozen_layer_range() if freeze is None else range(0))
     point(done)
     train_seconds = time.time() - t0
-    final = evaluate_model(model, tokenizer, ctx["splits"], ctx["eval_seq_len"])
-
     hf = out / name / "hf"
     base_config = json.loads((Path(start) / "config.json").read_text())
-    save_hf_checkpoint(model.state_dict(), args, hf, base_config=base_config, tokenizer_dir=tok_dir)
+    if recipe.merge_keep < 1:  # the trained export beside the merged one, and the curve's last point merged
+        from megakor.checkpoint.merge import merge_toward_start
+
+        trained = save_hf_checkpoint(model.state_dict(), args, out / name / "trained", base_config=base_config,
+                                     tokenizer_dir=tok_dir)
+        merge_toward_start(start, trained, recipe.merge_keep, hf)
+        del model
+        model, _ = build_model(str(hf), loss_chunk_tokens=cfg.model.loss_chunk_tokens)
+        curve.append({"step": done, "tokens": done * step_tokens, "flops": flops, "merged": True,
+                      **evaluate_model(model, tokenizer, ctx["curve_splits"], ctx["eval_seq_len"])})
+    else:
+        save_hf_checkpoint(model.state_dict(), args, hf, base_config=base_config, tokenizer_dir=tok_dir)
+    final = evaluate_model(model, tokenizer, ctx["splits"], ctx["eval_seq_len"])
     chat = answer_bits_per_char(model, tokenizer, [tuple(p) for p in ctx["reference"]["heldout"]])
     del model
     kept = retention(hf, ctx["reference"], ctx["base_chat_bpc"], chat_bits_per_char=chat["bits_per_char"])
@@ -209,9 +230,13 @@ def plot(results: dict, folder: Path) -> list[Path]:
     for split in SPLITS:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, a in results["arms"].items():
-            xs = [p["tokens"] for p in a["curve"]]
-            ys = [p[split] for p in a["curve"]]
-            ax.plot(xs, ys, marker="o", markersize=3, label=name, linewidth=2.2 if name in ("default", BASELINE) else 1.2)
+            trained = [p for p in a["curve"] if not p.get("merged")]
+            line, = ax.plot([p["tokens"] for p in trained], [p[split] for p in trained], marker="o", markersize=3,
+                            label=name, linewidth=2.2 if name in ("default", BASELINE) else 1.2)
+            for p in a["curve"]:
+                if p.get("merged"):  # after merging back toward the start: a star above the last point
+                    ax.plot([p["tokens"]], [p[split]], marker="*", markersize=11, color=line.get_color(),
+                            linestyle="none")
         ax.axhline(results["base"]["curve"][split], color="grey", linestyle=":", label="base (own tokenizer)")
         ax.set_xlabel(f"training tokens (curves: first {results['settings']['curve_chars']:,} characters of the split)")
         ax.set_ylabel("bits per character")

@@ -115,6 +115,9 @@ class TrainConfig:
     freeze: str = "none"
     """What does not train: none, or new_embeddings_only (only rows of tokens added by vocabulary
     extension train; every other parameter receives zero update)."""
+    frozen_layers: str = ""
+    """Decoder layers whose weights do not train, as "first-last" (e.g. "8-21"; "" = none). Partial freezing
+    against forgetting: the embeddings, the head and the other layers train (with train.freeze=none)."""
     max_skipped_steps: int = 10
     """Consecutive steps with a non-finite loss or gradient norm (each skipped: no weight update, its
     batch not retried) after which training stops with an error, keeping its last checkpoint; 0 = never."""
@@ -357,6 +360,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                          ("checkpoint", "keep"), ("data", "workers")):
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be 0 or more")
+    layer_range(cfg.train.frozen_layers)  # the format; the model's layer count is checked in preflight
     if cfg.logging.log_every < 1:
         raise ConfigError("logging.log_every must be at least 1")
     p = cfg.parallel
@@ -433,6 +437,23 @@ def validate_schedule(cfg: Config) -> None:
                           f"{o.schedule}); remove it or set optim.schedule=wsd")
 
 
+def layer_range(spec: str, num_layers: int | None = None) -> range:
+    """The decoder layers a "first-last" spec names ("8-21" → 8..21, "5" → 5, "" → none); with
+    `num_layers`, they must exist."""
+    if spec in ("", None):
+        return range(0)
+    first, _, last = str(spec).partition("-")
+    try:
+        layers = range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise ConfigError(f"train.frozen_layers={spec!r} is not a layer range; write first-last, e.g. \"8-21\"") from None
+    if layers.start < 0 or len(layers) == 0:
+        raise ConfigError(f"train.frozen_layers={spec!r} names no layers; write first-last with first <= last, e.g. \"8-21\"")
+    if num_layers is not None and layers.stop > num_layers:
+        raise ConfigError(f"train.frozen_layers={spec!r} reaches past the model's {num_layers} layers (0-{num_layers - 1})")
+    return layers
+
+
 def validate_model_layout(cfg: Config, num_heads: int, num_kv_heads: int, num_layers: int) -> None:
     """Parallel rules that need the model's shape (read from config.json before any weights)."""
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
@@ -444,6 +465,7 @@ def validate_model_layout(cfg: Config, num_heads: int, num_kv_heads: int, num_la
             )
     if pp > num_layers:
         raise ConfigError(f"parallel.pipeline={pp} exceeds the model's {num_layers} layers; use at most {num_layers}")
+    layer_range(cfg.train.frozen_layers, num_layers)
 
 
 def parse_job_arguments(cls, argv, description: str):

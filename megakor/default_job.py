@@ -47,6 +47,14 @@ class Recipe:
     stage2_lr: float = 2e-4
     english_share: float = 0.2  # share of training sequences from English prose (pydoc topics)
     chat_share: float = 0.0  # share of training sequences from the base's own chat answers (replay set)
+    merge_keep: float = 1.0  # after the last stage: start + merge_keep x (trained - start) (WiSE-FT); 1 = no merge
+    frozen_layers: str = ""  # stage 2: decoder layers whose weights stay the base's, "first-last" (e.g. "8-21")
+
+    def frozen_layer_range(self) -> range:
+        """The decoder layers `frozen_layers` names (empty when it is "")."""
+        from megakor.config import layer_range
+
+        return layer_range(self.frozen_layers)
 
     def __post_init__(self):
         for f in fields(self):  # YAML 1.1 reads "5e-05" (no dot) as a string: say so rather than fail later
@@ -61,6 +69,10 @@ class Recipe:
                              "set stage1_steps: 0 for plain continued pretraining")
         if self.stage1_steps + self.stage2_steps == 0:
             raise ValueError("stage1_steps + stage2_steps is 0; give the recipe some training steps")
+        self.frozen_layer_range()  # "first-last" or a one-sentence error
+        if not 0 < self.merge_keep <= 1:
+            raise ValueError(f"merge_keep={self.merge_keep} must be in (0, 1]: 1 keeps the whole training update "
+                             "(no merge), 0.5 half of it")
         if not (0 <= self.english_share and 0 <= self.chat_share and self.english_share + self.chat_share < 1):
             raise ValueError(f"english_share={self.english_share} + chat_share={self.chat_share} must be in [0, 1) "
                              "so that Korean keeps a share")
@@ -98,6 +110,7 @@ class DefaultJob:
     stage2_lr: float | None = None
     english_share: float | None = None
     chat_share: float | None = None
+    merge_keep: float | None = None
     eval_chars: int = 12000  # characters of each held-out split scored (bounded for a 2-core CPU; as bench/recipe.py)
     eval_seq_len: int = 512  # chunk length of the evaluation protocol
     ranks: int = 2  # DeepSpeed processes (ZeRO-3 data parallel)
@@ -173,7 +186,7 @@ def _evaluate(model_dir: Path, splits: dict[str, list[str]], seq_len: int) -> di
 
 
 def _train_stage(job: DefaultJob, name: str, init_from: Path, sources: list[dict], steps: int, lr: float,
-                 freeze: str) -> tuple[Path, dict]:
+                 freeze: str, frozen_layers: str = "") -> tuple[Path, dict]:
     """One continued-pretraining stage under the DeepSpeed launcher; returns (HF export, TensorBoard scalars)."""
     from megakor.train.checkpointing import convert_checkpoint
     from megakor.parallel import free_port
@@ -184,6 +197,7 @@ def _train_stage(job: DefaultJob, name: str, init_from: Path, sources: list[dict
     out = Path(job.out) / name
     warmup = min(load_config(job.config).optim.warmup_steps, steps)  # a short stage warms up within itself
     overrides = [f"model.init_from={init_from}", f"tokenizer.path={init_from}", f"train.freeze={freeze}",
+                 f"train.frozen_layers={json.dumps(frozen_layers)}",
                  f"data.sources={json.dumps(sources)}", f"data.cache_dir={Path(job.out) / 'cache'}",
                  f"train.steps={steps}", f"optim.lr={lr}", f"optim.min_lr={lr / 10}", f"optim.warmup_steps={warmup}",
                  f"checkpoint.dir={out / 'checkpoints'}", f"logging.tensorboard_dir={out / 'tensorboard'}"]
@@ -298,11 +312,18 @@ def run(job: DefaultJob) -> dict:
     if recipe.stage2_steps:
         stage(f"stage 2: all weights, {recipe.stage2_steps} steps at lr {recipe.stage2_lr}, replay: English prose "
               f"{recipe.english_share:.0%}, the base's chat answers {recipe.chat_share:.0%}")
-        current, tb2 = _train_stage(job, "stage2", current, sources, recipe.stage2_steps, recipe.stage2_lr, "none")
+        current, tb2 = _train_stage(job, "stage2", current, sources, recipe.stage2_steps, recipe.stage2_lr, "none",
+                                    recipe.frozen_layers)
     final = out / "hf"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(current, final)
+    if recipe.merge_keep < 1:
+        from megakor.checkpoint.merge import merge_toward_start
+
+        stage(f"merge toward the start: keep {recipe.merge_keep:.0%} of the training update (WiSE-FT)")
+        merge_toward_start(start, current, recipe.merge_keep, final)
+    else:
+        shutil.copytree(current, final)
 
     stage("evaluate the trained model: held-out text and retention (chat answers, factual probes)")
     after = _evaluate(final, splits, job.eval_seq_len)

@@ -36,5 +36,7 @@ def test_mistakes_are_named(tmp_path):
     bad.write_text("stage2_lr: 5e-05\n")
     with pytest.raises(ValueError, match="stage2_lr='5e-05' is not a number"):
         load_recipe(bad)
+    with pytest.raises(ValueError, match="merge_keep=0 must be in \\(0, 1\\]"):
+        Recipe(merge_keep=0)
     with pytest.raises(ValueError, match="init='zeros'"):
         Recipe(init="zeros")

@@ -73,3 +73,39 @@ def test_stage1_moves_only_new_rows(setup, family, layout, nprocs, extra):
     for k in heads:
         start = init.read(k)[base_n:]
         assert (trained[k][base_n:] - start).abs().max() > 1e-4, f"{k}: new rows did not train"
+
+
+def test_frozen_layers_keep_their_weights_and_the_rest_trains(setup):
+    """train.frozen_layers under ZeRO-3 DP=2 (the default job's layout): layer 0's tensors come back
+    bit-identical through weight decay and three updates; layer 1, the norms and the embedding move."""
+    root, infos = setup
+    info = infos["llama3"]
+    d = root / "frozen-layers"
+    corpus = write_corpus(d / "train", n_docs=100, vocab=300, seed=0, eos=1)
+    overrides = [f"model.init_from={info['hf']}", f"data.sources=[{{path: {corpus}}}]",
+                 "train.frozen_layers=0-0", "train.steps=3", "optim.lr=1e-2", "optim.weight_decay=0.1",
+                 "optim.warmup_steps=0", "train.eval_batches=0", "checkpoint.every=0", f"checkpoint.dir={d / 'ck'}",
+                 f"logging.tensorboard_dir={d / 'tb'}", f"data.cache_dir={d / 'cache'}"]
+    check(launch(2, ["tests/dist_utils.py", CONFIG, json.dumps([overrides])], timeout=300))
+    from megakor.train.checkpointing import convert_checkpoint
+
+    trained = load_file(str(convert_checkpoint(d / "ck", d / "hf") / "model.safetensors"))
+    original = load_file(str(info["hf"] / "model.safetensors"))
+    assert any(k.startswith("model.layers.1.") for k in original)
+    for k, t in original.items():
+        if k.startswith("model.layers.0."):
+            assert torch.equal(trained[k], t), f"{k} moved although its layer is frozen"
+        elif k.endswith("proj.weight") or k == "model.embed_tokens.weight":
+            assert not torch.equal(trained[k], t), f"{k} did not train"
+
+
+def test_frozen_layers_are_checked_before_training():
+    from megakor.config import ConfigError, layer_range
+
+    assert layer_range("8-21") == range(8, 22) and layer_range("3") == range(3, 4) and not layer_range("")
+    with pytest.raises(ConfigError, match="not a layer range"):
+        layer_range("eight")
+    with pytest.raises(ConfigError, match="names no layers"):
+        layer_range("5-2")
+    with pytest.raises(ConfigError, match="past the model's 30 layers"):
+        layer_range("20-30", 30)

@@ -163,6 +163,10 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def file_of(self, key: str) -> str:
+        """The weight file (relative to the checkpoint directory) that holds `key`."""
+        return self._files[key]
+
     def shape(self, key: str) -> list[int]:
         if self._memory is not None:
             return list(self._memory[key].shape)

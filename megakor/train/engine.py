@@ -33,7 +33,7 @@ import torch
 
 from megakor.checkpoint.hf import HFCheckpoint, key_map, layer_index, load_state_dict, tp_split_kind
 from megakor.checkpoint.source import resolve_model_source
-from megakor.config import Config, ConfigError
+from megakor.config import Config, ConfigError, layer_range
 from megakor.model.args import PRESETS, ModelArgs, to_hf_config
 from megakor.model.attention import rope_inv_freq
 from megakor.model.llama import Llama
@@ -401,6 +401,10 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
         model.train_only_vocab_rows_from(first_row)
         for name, p in model.named_parameters():
             p.requires_grad_(name in ("tok_embeddings.weight", "lm_head.weight"))
+    frozen = tuple(f"layers.{i}." for i in layer_range(cfg.train.frozen_layers, args.num_layers))
+    for name, p in model.named_parameters():
+        if name.startswith(frozen):  # partial freezing: these layers keep their loaded weights
+            p.requires_grad_(False)
     if zero3:
         # The LM head (or the tied embedding) is used in the loss, outside its own module's forward:
         # register it with the top module so ZeRO-3 gathers it for the whole forward and backward.

@@ -48,6 +48,9 @@ def preflight(cfg: Config, world_size: int):
     if p.pipeline > 1 and cfg.train.freeze != "none":
         raise ConfigError(f"train.freeze={cfg.train.freeze} is not supported in the pipeline mode yet; "
                           "run that stage with parallel.pipeline=1 (ZeRO-3 over DP × TP)")
+    if p.pipeline > 1 and cfg.train.frozen_layers:
+        raise ConfigError(f"train.frozen_layers={cfg.train.frozen_layers} is not supported in the pipeline mode yet; "
+                          "run that stage with parallel.pipeline=1 (ZeRO-3 over DP × TP)")
     source = resolve_model_source(cfg.model.init_from)
     source.args()  # config.json parses, the family is supported
     source.check_files()  # every shard present, headers sound, every tensor listed
