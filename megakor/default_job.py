@@ -287,8 +287,9 @@ def run(job: DefaultJob) -> dict:
     reference = base_reference(base, job.cache)
     chat_replay = write_replay_jsonl(reference, load_tokenizer(base), out / "chat_replay.jsonl")
 
-    stage(f"recipe {recipe.description or job.recipe}: extend the tokenizer with {recipe.new_tokens} Korean "
-          f"tokens, grow the embeddings ({recipe.init} initialisation)")
+    stage(f"recipe {recipe.description or job.recipe}: " + (
+        f"extend the tokenizer with {recipe.new_tokens} Korean tokens, grow the embeddings ({recipe.init} "
+        "initialisation)" if recipe.new_tokens else "the base tokenizer (no vocabulary extension)"))
     tok_dir, start = prepare_start(recipe, base, corpora["ko.train"], out)
     report = fertility_report(load_tokenizer(base), load_tokenizer(tok_dir), splits["ko"], splits["en"])
     (out / "fertility.json").write_text(json.dumps(report, indent=2))
@@ -310,7 +311,8 @@ def run(job: DefaultJob) -> dict:
         current, tb1 = _train_stage(job, "stage1", current, sources, recipe.stage1_steps, recipe.stage1_lr,
                                     "new_embeddings_only")
     if recipe.stage2_steps:
-        stage(f"stage 2: all weights, {recipe.stage2_steps} steps at lr {recipe.stage2_lr}, replay: English prose "
+        stage(f"stage 2: all weights" + (f" but decoder layers {recipe.frozen_layers}" if recipe.frozen_layers else "")
+              + f", {recipe.stage2_steps} steps at lr {recipe.stage2_lr}, replay: English prose "
               f"{recipe.english_share:.0%}, the base's chat answers {recipe.chat_share:.0%}")
         current, tb2 = _train_stage(job, "stage2", current, sources, recipe.stage2_steps, recipe.stage2_lr, "none",
                                     recipe.frozen_layers)
