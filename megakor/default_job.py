@@ -300,8 +300,11 @@ def run(job: DefaultJob) -> dict:
     model, _ = build_model(str(base))
     base_chat = answer_bits_per_char(model, load_tokenizer(base), [tuple(p) for p in reference["heldout"]])
     del model
-    stage("evaluate the extended model before training")
-    untrained = _evaluate(start, splits, job.eval_seq_len)
+    if Path(start) != base:
+        stage("evaluate the extended model before training")
+        untrained = _evaluate(start, splits, job.eval_seq_len)
+    else:  # no vocabulary extension: training starts from the base itself
+        untrained = before
 
     sources = recipe_sources(recipe, corpora, chat_replay)
     current, tb1, tb2 = start, {}, {}
