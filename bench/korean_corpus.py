@@ -105,6 +105,21 @@ def build(out_dir: Path, megabytes: float, files: int = 8, plant: int = 0, seed:
             "bytes": sum(p.stat().st_size for p in paths)}
 
 
+def cached_corpus(work: Path, gb: float, plant: int = 0) -> dict:
+    """`build` into WORK/corpus-<MB>mb-plant<N>/ unless it is there already; returns its planted.json."""
+    import time
+
+    d = Path(work) / f"corpus-{int(gb * 1000)}mb-plant{plant}"
+    info_path = d / "planted.json"
+    if not info_path.exists():
+        t0 = time.time()
+        info = build(d, gb * 1e9 / (1 << 20), files=8, plant=plant)
+        info_path.write_text(json.dumps(info, ensure_ascii=False))
+        print(f"built {d}: {info['bytes'] / 1e9:.2f} GB, {info['documents']} documents, {len(info['planted'])} planted "
+              f"copies in {time.time() - t0:.0f} s", flush=True)
+    return json.loads(info_path.read_text())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")

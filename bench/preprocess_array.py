@@ -30,19 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from korean_corpus import build  # noqa: E402
-
-
-def corpus(work: Path, gb: float, plant: int) -> dict:
-    d = work / f"corpus-{int(gb * 1000)}mb-plant{plant}"
-    info_path = d / "planted.json"
-    if not info_path.exists():
-        t0 = time.time()
-        info = build(d, gb * 1000 * 1000 * 1000 / (1 << 20), files=8, plant=plant)
-        info_path.write_text(json.dumps(info, ensure_ascii=False))
-        print(f"built {d}: {info['bytes'] / 1e9:.2f} GB, {info['documents']} documents, {len(info['planted'])} planted "
-              f"copies in {time.time() - t0:.0f} s", flush=True)
-    return json.loads(info_path.read_text())
+from korean_corpus import cached_corpus  # noqa: E402
 
 
 def sha256(path: str) -> str:
@@ -92,7 +80,7 @@ def main():
     args = p.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    info = corpus(work, args.gb, args.plant)
+    info = cached_corpus(work, args.gb, args.plant)
     files = info["files"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHONPATH=str(REPO), PYTHON=sys.executable, MEGAKOR_PROGRESS_SECONDS="60")

@@ -135,6 +135,9 @@ def test_tasks_and_merge_equal_the_single_process_run_and_catch_cross_task_dupli
     assert per_task == len(planted)
     assert sum(t["documents"] for t in report["tasks"]) == report["documents"]
     assert IndexedDataset(prefix).num_tokens == report["tokens"]
+    from megakor.data.blend import SourceSpec, resolve_source
+
+    assert resolve_source(SourceSpec(path=prefix), None, None, 0) == prefix  # data.sources names the one prefix
     assert json.loads(Path(prefix + ".report.json").read_text())["tokens"] == report["tokens"]
 
 
