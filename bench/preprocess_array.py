@@ -66,6 +66,34 @@ def task_of_line(prefix: str):
     return lambda path, line: next(t for a, b, t in by_path[path] if a < line <= b)
 
 
+def missed(planted: list, dropped: dict) -> list[dict]:
+    """The planted copies not dropped as duplicates, with their MinHash Jaccard estimate to the original
+    and the probability that LSH banding of the dedup threshold finds a pair of that similarity."""
+    from megakor.data.dedup import MinHasher, lsh_bands
+
+    import numpy as np
+
+    rows_of: dict[str, dict[int, str]] = {}
+    for pl in planted:
+        if dropped.get(f"{pl[0]}:{pl[1]}") not in ("exact_duplicate", "near_duplicate"):
+            rows_of.setdefault(pl[0], {})[pl[1]] = ""
+            rows_of.setdefault(pl[3], {})[pl[4]] = ""
+    for path, wanted in rows_of.items():
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if n in wanted:
+                    wanted[n] = json.loads(line)["text"]
+    hasher, (bands, rows) = MinHasher(64), lsh_bands(0.8, 64)
+    out = []
+    for pl in planted:
+        if dropped.get(f"{pl[0]}:{pl[1]}") in ("exact_duplicate", "near_duplicate"):
+            continue
+        s = float(np.mean(hasher.signature(rows_of[pl[0]][pl[1]]) == hasher.signature(rows_of[pl[3]][pl[4]])))
+        out.append({"copy": f"{pl[0]}:{pl[1]}", "original": f"{pl[3]}:{pl[4]}", "planted_as": pl[2],
+                    "minhash_jaccard": round(s, 3), "lsh_detection_probability": round(1 - (1 - s ** rows) ** bands, 3)})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=2.0, help="corpus size in GB (10^9 bytes) of JSONL")
@@ -152,7 +180,8 @@ def main():
         "equal_to_single_process": {"bin_sha256_equal": identical[".bin"], "idx_sha256_equal": identical[".idx"],
                                     "skipped_records_equal": skipped_equal},
         "planted_caught": {"total": len(planted), "caught": len(caught), "caught_with_planted_reason": len(same_reason),
-                           "cross_task": len(cross), "cross_task_caught": len(cross_caught)},
+                           "cross_task": len(cross), "cross_task_caught": len(cross_caught),
+                           "missed": missed(planted, dropped)},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

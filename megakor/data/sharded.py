@@ -207,7 +207,8 @@ def run_task(inputs, tokenizer_path: str, output_prefix: str, task_index: int, n
             os.replace(base + ".bands.tmp.npy", base + ".bands.npy")
     seconds = time.time() - t0
     report.update(skipped=dict(sorted(report["skipped"].items())), cleaning=dict(sorted(report["cleaning"].items())),
-                  unsupported_files=unsupported, tokenizer_engine="tiktoken" if fast else "tokenizers",
+                  unsupported_files=unsupported,
+                  tokenizer_engine="tiktoken" if fast else "tokenizers" if todo else "none (every unit done before)",
                   started=t0, finished=time.time(), seconds=round(seconds, 3),
                   tokens_per_sec=round(report["tokens"] / max(seconds, 1e-9), 1), peak_rss_mb=peak_rss_mb())
     _write_json(os.path.join(work_dir, "task.json"), report)
