@@ -174,9 +174,11 @@ def test_task_resumes_its_unfinished_units_and_merge_refuses_unfinished_tasks(tm
 
 def test_task_shares_are_contiguous_and_balanced():
     assert task_units([10] * 8, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert task_units([10, 10], 4) == [[0], [], [1], []]
+    assert task_units([10, 10], 4) == [[], [0], [], [1]]
+    assert task_units([126, 124, 126, 124, 126, 124, 126, 124], 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     shares = task_units([5, 30, 1, 1, 1, 40, 2, 20], 3)
     assert [u for s in shares for u in s] == list(range(8))
+    assert shares == [[0, 1], [2, 3, 4, 5], [6, 7]]
 
 
 def test_candidates_are_the_documents_sharing_a_key_or_band(tmp_path):

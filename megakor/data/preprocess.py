@@ -651,8 +651,11 @@ def merge_units(prefix, unit_bases: list[str], pieces, options, vocab_size, eos_
                 shard_tokens = np.fromfile(base + ".bin", dtype=writer.dtype)
                 if len(shard_tokens) != int(lengths.sum()):
                     raise RuntimeError(f"work unit {base}.bin is incomplete; delete it and its .json, then run again")
-                kept = np.repeat(keep, lengths)
-                writer.add_many(shard_tokens[kept], lengths[keep], meta["mask"][kept] if chat else None)
+                if keep.all():  # the common case: no copy of the unit's tokens
+                    writer.add_many(shard_tokens, lengths, meta["mask"] if chat else None)
+                else:
+                    kept = np.repeat(keep, lengths)
+                    writer.add_many(shard_tokens[kept], lengths[keep], meta["mask"][kept] if chat else None)
                 documents += int(keep.sum())
                 tokens += int(lengths[keep].sum())
                 characters += int(meta["chars"][keep].sum())

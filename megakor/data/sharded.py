@@ -55,12 +55,12 @@ class ArrayJobError(ValueError):
 
 def task_units(unit_bytes: list[int], num_tasks: int) -> list[list[int]]:
     """Contiguous runs of work units, one per task, balanced by input bytes: unit u goes to the task
-    whose share of the total its first byte falls in (some tasks get none when units are few)."""
+    whose share of the total its middle byte falls in (some tasks get none when units are few)."""
     total = max(sum(unit_bytes), 1)
     shares: list[list[int]] = [[] for _ in range(num_tasks)]
     before = 0
     for u, size in enumerate(unit_bytes):
-        shares[min(num_tasks - 1, before * num_tasks // total)].append(u)
+        shares[min(num_tasks - 1, (2 * before + size) * num_tasks // (2 * total))].append(u)
         before += size
     return shares
 
