@@ -11,6 +11,14 @@ Baseline (what the issue names): datasets.load_dataset("json") -> .map(tokenize,
 num_proc=N) -> ids + EOS written to a flat binary file. Both sides run as fresh processes, timed
 end to end (imports and tokenizer loading included), with `--no-clean` on our side so that both do
 the same work; their token totals must agree exactly. Our run with cleaning and dedup on is shown too.
+
+Scale mode: tokens/s of launch/preprocess.py (cleaning and dedup on) against workers and input size,
+and the peak resident memory of the largest worker and of the main process (which merges and holds the
+near-duplicate index), median of --scale-repeats runs per size (one number per size). The corpus is
+Korean-like text built from the offline corpora (bench/korean_corpus.py). Writes
+bench/results/preprocess_scale.json.
+
+    python bench/preprocess.py --scale --scale-gb 0.2 2 --scale-workers 1 2 --scale-repeats 3 1
 """
 
 from __future__ import annotations
@@ -124,6 +132,47 @@ def read_rates(prefix: str, seq_len: int, n: int = 20000) -> tuple[float, float]
     return doc_rate, n / (time.perf_counter() - t0)
 
 
+def scale(args) -> None:
+    import statistics
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from korean_corpus import cached_corpus
+
+    work = Path(args.work_dir)
+    repeats = args.scale_repeats + [args.scale_repeats[-1]] * (len(args.scale_gb) - len(args.scale_repeats))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runs, rows = [], []
+    for gb, n in zip(args.scale_gb, repeats):
+        info = cached_corpus(work, gb)
+        for workers in args.scale_workers:
+            for r in range(n):
+                out = work / "scale-out"
+                shutil.rmtree(out, ignore_errors=True)
+                seconds, cpu, _ = timed([sys.executable, "launch/preprocess.py", "--input", *info["files"], "--tokenizer",
+                                         args.tokenizer, "--output-prefix", str(out / "p"), "--workers", str(workers),
+                                         "--quiet", "--report", str(out / "report.json")], env)
+                report = json.loads((out / "report.json").read_text())
+                run = {"gb": gb, "bytes": info["bytes"], "workers": workers, "repeat": r, "wall_seconds": round(seconds, 2),
+                       "cpu_seconds": round(cpu, 2), "tokens": report["tokens"], "tokens_per_sec": round(report["tokens"] / seconds),
+                       "peak_rss_mb": report["peak_rss_mb"], "load_average": os.getloadavg()[0]}
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+            mine = [x for x in runs if x["gb"] == gb and x["workers"] == workers]
+            rows.append({"gb": gb, "workers": workers, "runs": len(mine),
+                         "tokens_per_sec_median": statistics.median(x["tokens_per_sec"] for x in mine),
+                         "worker_peak_rss_mb_max": max(x["peak_rss_mb"]["worker"] for x in mine),
+                         "main_peak_rss_mb_max": max(x["peak_rss_mb"]["main"] for x in mine)})
+        shutil.rmtree(work / "scale-out", ignore_errors=True)
+    print(f"\n{'GB':>6} {'workers':>7} {'runs':>4} {'tokens/s (median)':>18} {'worker peak RSS MB':>19} {'main peak RSS MB':>17}")
+    for row in rows:
+        print(f"{row['gb']:>6} {row['workers']:>7} {row['runs']:>4} {row['tokens_per_sec_median']:>18,.0f} "
+              f"{row['worker_peak_rss_mb_max']:>19,.0f} {row['main_peak_rss_mb_max']:>17,.0f}")
+    result = {"tokenizer": args.tokenizer, "cpus": os.cpu_count(), "summary": rows, "runs": runs}
+    Path(args.scale_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.scale_out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written {args.scale_out}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default=str(REPO.parent / "shared/fixtures/tokenizers/llama3"))
@@ -134,7 +183,14 @@ def main():
     p.add_argument("--konlpy-wheel", help="a konlpy-*.whl already downloaded")
     p.add_argument("--repeats", type=int, default=1, help="time each pipeline this many times, alternating, and keep the fastest")
     p.add_argument("--skip-clean", action="store_true", help="do not time the run with cleaning and dedup")
+    p.add_argument("--scale", action="store_true", help="scale mode: tokens/s and peak memory against workers and size")
+    p.add_argument("--scale-gb", type=float, nargs="+", default=[0.2, 2.0], help="input sizes (GB of JSONL)")
+    p.add_argument("--scale-workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--scale-repeats", type=int, nargs="+", default=[3, 1], help="runs per size (median reported)")
+    p.add_argument("--scale-out", default=str(REPO / "bench/results/preprocess_scale.json"))
     args = p.parse_args()
+    if args.scale:
+        return scale(args)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / f"korean-{args.mb}mb.jsonl"

@@ -7,6 +7,13 @@
     python launch/preprocess.py --input raw.jsonl --tokenizer tok/ --output-prefix out/raw --no-clean
 
 Re-running the same command after a crash redoes only the shards that had not finished.
+
+Across nodes (a Slurm array job; slurm/preprocess.sh passes --slurm-array and submits --merge itself):
+    sbatch --array=0-3 slurm/preprocess.sh --input data/ko/ --tokenizer ckpt/llama3-8b --output-prefix cache/ko
+By hand, without Slurm: every task, then the merge, with the same options:
+    python launch/preprocess.py --task-index 0 --num-tasks 2 --input ... --tokenizer ... --output-prefix P
+    python launch/preprocess.py --task-index 1 --num-tasks 2 --input ... --tokenizer ... --output-prefix P
+    python launch/preprocess.py --merge --input ... --tokenizer ... --output-prefix P
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megakor.data.clean import CleanConfig  # noqa: E402
 from megakor.data.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from megakor.data.sharded import array_task_from_env, merge, run_task  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -39,7 +47,20 @@ def main(argv=None) -> dict:
     p.add_argument("--shard-bytes", type=int, help="input bytes per work unit (default: total / (4 x workers), 1-128 MB)")
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    array = p.add_argument_group("array job (one task per node, then a global merge; writes PREFIX.tasks/)")
+    array.add_argument("--task-index", type=int, help="run only this task's share of the input (0-based)")
+    array.add_argument("--num-tasks", type=int, help="tasks the input is shared among (with --task-index)")
+    array.add_argument("--slurm-array", action="store_true", help="task index and count from SLURM_ARRAY_TASK_ID/_MAX")
+    array.add_argument("--merge", action="store_true", help="deduplicate the finished tasks globally and write "
+                       "PREFIX.bin/.idx and PREFIX.report.json (or --report)")
     args = p.parse_args(argv)
+    modes = sum([args.task_index is not None or args.slurm_array, args.merge])
+    if modes > 1 or (args.task_index is not None and args.slurm_array):
+        p.error("give one of --task-index, --slurm-array or --merge")
+    if args.task_index is not None and args.num_tasks is None:
+        p.error("--task-index needs --num-tasks (the number of tasks of the whole job)")
+    if args.num_tasks is not None and args.num_tasks < 1:
+        p.error(f"--num-tasks {args.num_tasks}: give at least 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     options = PreprocessOptions(
         text_field=args.text_field,
@@ -50,8 +71,21 @@ def main(argv=None) -> dict:
         near_dup_threshold=args.near_dup_threshold,
         shard_bytes=args.shard_bytes,
     )
-    report = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, options=options,
-                        report_path=args.report, progress=not args.quiet, keep_shards=args.keep_shards)
+    if args.merge:
+        report = merge(args.input, args.tokenizer, args.output_prefix, options=options, report_path=args.report,
+                       keep_shards=args.keep_shards)
+    elif args.task_index is not None or args.slurm_array:
+        index, count = (args.task_index, args.num_tasks) if args.task_index is not None else array_task_from_env(args.output_prefix)
+        report = run_task(args.input, args.tokenizer, args.output_prefix, index, args.num_tasks or count,
+                          workers=args.workers, options=options, progress=not args.quiet)
+        if report.get("already_merged"):
+            return report
+        print(json.dumps({k: report[k] for k in ("task", "documents", "tokens", "skipped", "seconds", "tokens_per_sec")},
+                         ensure_ascii=False))
+        return report
+    else:
+        report = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, options=options,
+                            report_path=args.report, progress=not args.quiet, keep_shards=args.keep_shards)
     summary = {k: report[k] for k in ("documents", "tokens", "characters", "skipped", "seconds", "tokens_per_sec")}
     print(json.dumps(summary, ensure_ascii=False))
     return report
@@ -60,6 +94,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad paths, bad options, unreachable downloads
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad paths, bad options, unfinished tasks
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

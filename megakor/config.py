@@ -62,6 +62,11 @@ class DataConfig:
     """Where raw sources are preprocessed to, once, shared by all ranks."""
     workers: int = 2
     """Tokenizer worker processes for preprocessing."""
+    max_inline_preprocess_bytes: int = 1 << 30
+    """Bytes of raw input (1 GiB by default, about 10 minutes at ~1M tokens/s with 2 workers) above which a
+    multi-process job refuses to preprocess a raw source itself, on first use, while every GPU waits:
+    preprocess it off the GPUs with `sbatch --array=0-N slurm/preprocess.sh` and name the prefix instead.
+    0 = no limit. A single-process run and a source already preprocessed into cache_dir are never refused."""
 
 
 @dataclass
@@ -357,7 +362,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for section, key in (("train", "eval_every"), ("train", "eval_batches"), ("train", "max_skipped_steps"),  # 0 = off
                          ("train", "eval_generate"), ("train", "eval_max_new_tokens"),
                          ("optim", "warmup_steps"), ("optim", "decay_steps"), ("checkpoint", "every"),
-                         ("checkpoint", "keep"), ("data", "workers")):
+                         ("checkpoint", "keep"), ("data", "workers"), ("data", "max_inline_preprocess_bytes")):
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"{section}.{key} must be 0 or more")
     layer_range(cfg.train.frozen_layers)  # the format; the model's layer count is checked in preflight

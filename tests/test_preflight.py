@@ -280,3 +280,38 @@ def test_overrides_on_either_side_of_config_and_home_in_paths(inputs, tmp_path, 
 
     cfg = load_config(REPO / CONFIG, ["checkpoint.dir=~/ck", "data.sources=[{path: ~/data/ko}]"])
     assert cfg.checkpoint.dir == f"{tmp_path}/ck" and cfg.data.sources == [{"path": f"{tmp_path}/data/ko"}]
+
+
+INLINE_SENTENCE = "more than data.max_inline_preprocess_bytes=100 that a 2-process job preprocesses while its GPUs wait; " \
+                  "preprocess it first with `sbatch --array=0-N slurm/preprocess.sh --input"
+
+
+def test_raw_source_above_inline_size_refused_in_two_rank_job(inputs, tmp_path):
+    """The raw source (~200 bytes) is above data.max_inline_preprocess_bytes=100: two real ranks exit 2 in
+    preflight with the sentence naming the array job; one process, a source preprocessed into the cache
+    already, and data.max_inline_preprocess_bytes=0 go on."""
+    from megakor.config import ConfigError, load_config
+    from megakor.data.blend import SourceSpec, resolve_source
+    from megakor.train.preflight import preflight
+
+    overrides = [f"model.init_from={inputs['hf']}", f"data.sources=[{{path: {inputs['raw']}}}]",
+                 "data.max_inline_preprocess_bytes=100"]
+    start = time.monotonic()
+    outputs = launch(2, ["tests/train_probe.py", *_argv(inputs, tmp_path, overrides, None)], timeout=60)
+    assert [rc for rc, _ in outputs] == [2, 2], outputs
+    text = "".join(out for _, out in outputs)
+    assert "PROBE:" not in text, text  # no weight file opened, no process group started
+    assert text.count(INLINE_SENTENCE) == 1 and text.count("error: ") == 1, text
+    assert f"--tokenizer {inputs['hf']} --output-prefix PREFIX` and give PREFIX as its path" in text, text
+    assert time.monotonic() - start < MAX_SECONDS
+
+    argv = _argv(inputs, tmp_path, overrides, None)
+    cfg = load_config(argv[argv.index("--config") + 1], [argv[0], *argv[argv.index("--config") + 2:]])
+    with pytest.raises(ConfigError, match=INLINE_SENTENCE.replace("`", ".").replace("(", r"\(")[:60]):
+        preflight(cfg, 2)
+    preflight(cfg, 1)  # one process preprocesses it as before
+    cfg.data.max_inline_preprocess_bytes = 0  # no limit
+    preflight(cfg, 2)
+    cfg.data.max_inline_preprocess_bytes = 100
+    resolve_source(SourceSpec.from_dict(cfg.data.sources[0]), str(inputs["hf"]), cfg.data.cache_dir, 0)
+    preflight(cfg, 2)  # already in data.cache_dir: nothing left to preprocess at start-up

@@ -139,6 +139,17 @@ def _strip_suffix(path: str) -> str:
     return path[:-4] if path.endswith((".bin", ".idx")) else path
 
 
+def cache_prefix(spec: SourceSpec, tokenizer_path: str, cache_dir: str) -> str:
+    """Where raw source `spec` is (or will be) preprocessed to under `cache_dir`: named by the files
+    (path, size, mtime), the tokenizer and the preprocessing options."""
+    files, _ = expand_inputs(spec.path)
+    stats = [[os.path.abspath(p), os.path.getsize(p) if os.path.isfile(p) else 0, os.stat(p).st_mtime_ns] for p in files]
+    tok_file = Path(tokenizer_path) / "tokenizer.json" if Path(tokenizer_path).is_dir() else Path(tokenizer_path)
+    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.exists() else str(tokenizer_path)
+    key = json.dumps({"files": stats, "tokenizer": tok_hash, "options": spec.preprocess_options().fingerprint_dict()}, sort_keys=True, default=str)
+    return os.path.join(cache_dir, f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
 def resolve_source(spec: SourceSpec, tokenizer_path: str | None, cache_dir: str | None, workers: int) -> str:
     """The prefix of `spec`'s preprocessed data, preprocessing raw files into `cache_dir` on first use.
     Concurrent ranks serialise on a lock file; all but the first find the result ready."""
@@ -148,12 +159,7 @@ def resolve_source(spec: SourceSpec, tokenizer_path: str | None, cache_dir: str 
         raise ValueError(f"data source {spec.name} ({spec.path}) is raw files; set data.cache_dir so they can be preprocessed")
     if tokenizer_path is None:
         raise ValueError(f"data source {spec.name} is raw files; a tokenizer path is needed to preprocess it")
-    files, _ = expand_inputs(spec.path)
-    stats = [[os.path.abspath(p), os.path.getsize(p) if os.path.isfile(p) else 0, os.stat(p).st_mtime_ns] for p in files]
-    tok_file = Path(tokenizer_path) / "tokenizer.json" if Path(tokenizer_path).is_dir() else Path(tokenizer_path)
-    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.exists() else str(tokenizer_path)
-    key = json.dumps({"files": stats, "tokenizer": tok_hash, "options": spec.preprocess_options().fingerprint_dict()}, sort_keys=True, default=str)
-    prefix = os.path.join(cache_dir, f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    prefix = cache_prefix(spec, tokenizer_path, cache_dir)
     if is_indexed_prefix(prefix) and os.path.exists(prefix + ".json"):
         return prefix
     with file_lock(prefix + ".lock"):

@@ -384,6 +384,16 @@ def _fingerprint(inputs: list[str], tokenizer_json: str, eos_id: int, options: P
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def plan_work_units(files: list[str], options: PreprocessOptions, processes: int) -> dict:
+    """{"pieces": [...], "shards": [[piece index, ...], ...]}: the inputs cut into pieces, grouped into work
+    units of about `options.shard_bytes` (default: total / (4 x processes), 1-128 MB). Deterministic for the
+    same files and arguments, so every task of an array job computes the same plan."""
+    total = sum(os.path.getsize(p) if os.path.isfile(p) else 0 for p in files)
+    shard_bytes = options.shard_bytes or int(min(128 << 20, max(1 << 20, total // max(4 * max(processes, 1), 1))))
+    pieces = plan_pieces(files, shard_bytes, options.text_unit, options.split)
+    return {"pieces": [p.to_dict() for p in pieces], "shards": _group_shards(pieces, shard_bytes)}
+
+
 def _group_shards(pieces: list[Piece], shard_bytes: int) -> list[list[int]]:
     shards, current, size = [], [], 0
     for i, p in enumerate(pieces):
@@ -435,10 +445,7 @@ def preprocess(
             shutil.rmtree(work_dir)
             plan = None
     if plan is None:
-        total = sum(os.path.getsize(p) if os.path.isfile(p) else 0 for p in files)
-        shard_bytes = options.shard_bytes or int(min(128 << 20, max(1 << 20, total // max(4 * max(workers, 1), 1))))
-        pieces = plan_pieces(files, shard_bytes, options.text_unit, options.split)
-        plan = {"fingerprint": fingerprint, "pieces": [p.to_dict() for p in pieces], "shards": _group_shards(pieces, shard_bytes)}
+        plan = {"fingerprint": fingerprint, **plan_work_units(files, options, max(workers, 1))}
         os.makedirs(work_dir, exist_ok=True)
         with open(plan_file + ".tmp", "w") as f:
             json.dump(plan, f)
@@ -452,7 +459,8 @@ def preprocess(
     fast = bool(todo) and options.fast_tokenizer and options.format == "text" and fast_path_supported(tokenizer_json)
     _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, progress, fast, str(tokenizer_path),
                 total_bytes=sum(p.size for p in pieces), done_bytes=sum(pieces[j].size for i in done_ids for j in shards[i]))
-    report = _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id)
+    unit_bases = [os.path.join(work_dir, f"{i:05d}") for i in range(len(shards))]
+    report, _ = merge_units(prefix, unit_bases, pieces, options, vocab_size, eos_id)
     report.update(
         fingerprint=fingerprint, tokenizer=str(tokenizer_path), eos_id=eos_id, vocab_size=vocab_size,
         dtype=str(dtype_for_vocab(vocab_size)), inputs=len(files), unsupported_files=unsupported,
@@ -462,6 +470,7 @@ def preprocess(
     )
     report["tokens_per_sec"] = round(report["tokens"] / max(report["seconds"], 1e-9), 1)
     report["documents_per_sec"] = round(report["documents"] / max(report["seconds"], 1e-9), 1)
+    report["peak_rss_mb"] = peak_rss_mb()
     for path in unsupported:
         log.warning("skipped %s: not a file type preprocessing reads (jsonl/json/parquet/txt, .gz/.zst)", path)
     with open(prefix + ".json.tmp", "w") as f:
@@ -480,13 +489,47 @@ def _write_report(report: dict, report_path: str | None) -> None:
             json.dump(report, f, indent=1, ensure_ascii=False)
 
 
+class ProgressLines:
+    """Progress as one log line every `every` seconds, for logs that are files (a Slurm job's output),
+    where a redrawn bar would be thousands of carriage returns."""
+
+    def __init__(self, total: int, initial: int, desc: str, every: float):
+        self.total, self.done, self.desc, self.every = total, initial, desc, every
+        self.start = self.last = time.monotonic()
+        self.postfix = ""
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.postfix = text
+
+    def update(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.emit()
+
+    def emit(self) -> None:
+        elapsed = time.monotonic() - self.start
+        fraction = self.done / max(self.total, 1)
+        log.info("%s: %5.1f%% of %.1f MB read, %s, %.0f s elapsed", self.desc, 100 * fraction, self.total / 1e6,
+                 self.postfix or "starting", elapsed)
+
+    def close(self) -> None:
+        self.emit()
+
+
 def _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, progress, fast, tokenizer_path, total_bytes,
-                done_bytes):
+                done_bytes, desc="preprocess"):
     if not todo:
         return
+    import sys
+
     from tqdm import tqdm
 
-    bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not progress)
+    if progress and not sys.stderr.isatty():
+        bar = ProgressLines(total_bytes, done_bytes, desc, float(os.environ.get("MEGAKOR_PROGRESS_SECONDS", "30")))
+    else:
+        bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress)
     start, docs, tokens = time.monotonic(), 0, 0
 
     def advance(nbytes, ndocs, ntokens):
@@ -494,7 +537,8 @@ def _run_shards(todo, tokenizer_json, eos_id, vocab_size, options, workers, prog
         docs += ndocs
         tokens += ntokens
         elapsed = max(time.monotonic() - start, 1e-9)
-        bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s", refresh=False)
+        bar.set_postfix_str(f"{docs:,} docs, {tokens:,} tokens, {docs / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tokens/s",
+                            refresh=False)
         bar.update(nbytes)
 
     try:
@@ -538,11 +582,25 @@ class _ListQueue:
         return items
 
 
-def _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id) -> dict:
-    """Concatenate the shards in input order, dropping duplicates, and account for every record."""
+def peak_rss_mb() -> dict:
+    """Peak resident memory (MB) of this process and of the largest of its finished child processes
+    (the tokenising workers)."""
+    import resource
+
+    return {"main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
+def merge_units(prefix, unit_bases: list[str], pieces, options, vocab_size, eos_id,
+                candidates: np.ndarray | None = None) -> tuple[dict, list[Counter]]:
+    """Concatenate the work units (`unit_bases[i]` + .bin/.meta.npz/.json) in input order, dropping
+    duplicates, and account for every record; returns the report and the skip counts of each unit.
+    `candidates` (one bool per document of all units, in order) limits the duplicate checks to the
+    documents that share an exact key or an LSH band with another one (`megakor.data.sharded`): the
+    others cannot be duplicates nor have any, so the result is the same and memory holds only them."""
     summaries = []
-    for i in range(len(shards)):
-        with open(os.path.join(work_dir, f"{i:05d}.json")) as f:
+    for base in unit_bases:
+        with open(base + ".json") as f:
             summaries.append(json.load(f))
     line_offset = line_offsets(pieces, {int(k): v for s in summaries for k, v in s["piece_lines"].items()})
 
@@ -552,6 +610,7 @@ def _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id) -> dic
     chat = options.format == "chat"
     writer = IndexedWriter(prefix, vocab_size, eos_id, with_mask=chat)
     skipped, cleaning_counts = Counter(), Counter()
+    unit_skipped: list[Counter] = []
     records = documents = tokens = characters = 0
     log_path = prefix + ".skipped.log"
     shown = 0
@@ -568,27 +627,35 @@ def _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id) -> dic
                     shown += 1
                     log.warning("skipped %s (%s) %s", where, reason, detail)
 
-            for i, s in enumerate(summaries):
+            first_doc = 0
+            for s, base in zip(summaries, unit_bases):
+                before = skipped.copy()
                 records += s["records"]
                 cleaning_counts.update(s["cleaning"])
                 for reason, piece_idx, line, detail in s["skips"]:
                     note(reason, piece_idx, line, detail)
-                base = os.path.join(work_dir, f"{i:05d}")
                 meta = np.load(base + ".meta.npz")
                 lengths = meta["length"]
                 keep = np.ones(len(lengths), dtype=bool)
                 if dedup is not None:
                     keys, sigs = meta["key"], meta["sig"]
-                    for d in range(len(lengths)):
+                    check = range(len(lengths)) if candidates is None else np.flatnonzero(
+                        candidates[first_doc : first_doc + len(lengths)])
+                    for d in check:
                         reason = dedup.check(int(keys[d]) if options.exact_dedup else None, sigs[d] if options.near_dedup else None)
                         if reason is not None:
                             keep[d] = False
                             note(reason, int(meta["piece"][d]), int(meta["line"][d]), "")
+                first_doc += len(lengths)
+                unit_skipped.append(skipped - before)
                 shard_tokens = np.fromfile(base + ".bin", dtype=writer.dtype)
                 if len(shard_tokens) != int(lengths.sum()):
-                    raise RuntimeError(f"shard {base}.bin is incomplete; delete {work_dir} and preprocess again")
-                kept = np.repeat(keep, lengths)
-                writer.add_many(shard_tokens[kept], lengths[keep], meta["mask"][kept] if chat else None)
+                    raise RuntimeError(f"work unit {base}.bin is incomplete; delete it and its .json, then run again")
+                if keep.all():  # the common case: no copy of the unit's tokens
+                    writer.add_many(shard_tokens, lengths, meta["mask"] if chat else None)
+                else:
+                    kept = np.repeat(keep, lengths)
+                    writer.add_many(shard_tokens[kept], lengths[keep], meta["mask"][kept] if chat else None)
                 documents += int(keep.sum())
                 tokens += int(lengths[keep].sum())
                 characters += int(meta["chars"][keep].sum())
@@ -612,4 +679,4 @@ def _merge(prefix, work_dir, pieces, shards, options, vocab_size, eos_id) -> dic
         "cleaning": dict(sorted(cleaning_counts.items())),
         "dedup": {"exact_duplicate": skipped.get("exact_duplicate", 0), "near_duplicate": skipped.get("near_duplicate", 0)} if dedup else {},
         "skipped_log": log_path,
-    }
+    }, unit_skipped

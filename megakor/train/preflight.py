@@ -12,6 +12,8 @@ launch/train.py exits 2 with it) for
   data sources                  every entry well formed (keys, types, cleaning options, text_unit),
                                 names unique, each source holding at least one readable document (raw
                                 files) or documents of the model's vocabulary (preprocessed prefixes);
+                                in a multi-process job, no raw source above
+                                data.max_inline_preprocess_bytes left to preprocess (slurm/preprocess.sh);
   outputs                       checkpoint.dir, logging.tensorboard_dir and data.cache_dir are (or can
                                 become) writable directories, and checkpoint.dir's filesystem has room
                                 for one checkpoint (estimated from the parameter count);
@@ -66,7 +68,7 @@ def preflight(cfg: Config, world_size: int):
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     deepspeed_config(cfg, dp, device_type)  # conflicts with deepspeed.config are errors now
     prepare_deepspeed_ops(cfg, device_type)  # DeepSpeed's own Adam asked for: nvcc present, arch list parseable
-    raw = _check_data(cfg, args)
+    raw = _check_data(cfg, args, world_size)
     _check_outputs(cfg, args, raw)
     checkpointing.check_resumable(cfg.checkpoint.dir, world_size, p.tensor, p.pipeline)
     return args
@@ -121,7 +123,7 @@ def _check_vocabulary(cfg: Config, args) -> None:
 
 # ---- data -----------------------------------------------------------------------------------------
 
-def _check_data(cfg: Config, args) -> bool:
+def _check_data(cfg: Config, args, world_size: int = 1) -> bool:
     """Every data entry well formed, names unique, each source readable; returns whether any is raw."""
     from megakor.data.blend import SourceSpec
     from megakor.data.sources import TEXT_UNITS
@@ -156,11 +158,11 @@ def _check_data(cfg: Config, args) -> bool:
     raw = False
     for section, group in specs.items():
         for spec in group:
-            raw |= _check_source(cfg, section, spec, args)
+            raw |= _check_source(cfg, section, spec, args, world_size)
     return raw
 
 
-def _check_source(cfg: Config, section: str, spec, args) -> bool:
+def _check_source(cfg: Config, section: str, spec, args, world_size: int = 1) -> bool:
     """One source readable; returns whether it is raw files (to be preprocessed into data.cache_dir)."""
     from megakor.data.indexed import IndexedDataset, is_indexed_prefix
     from megakor.data.sources import expand_inputs
@@ -194,12 +196,57 @@ def _check_source(cfg: Config, section: str, spec, args) -> bool:
     if tokenizer_dir(cfg) is None:
         raise ConfigError(f"{what} ({spec.path}) is not a preprocessed prefix, and there is no tokenizer to "
                           "preprocess it with; set tokenizer.path or preprocess it first")
+    _check_inline_size(cfg, what, spec, inputs, world_size)
     problem = _first_document(inputs, spec)
     if problem is not None:
         fields = "the messages or prompt/response fields" if spec.format == "chat" else "text_field and text_unit"
         raise ConfigError(f"{what} ({spec.path}) holds no readable document ({problem}); check the files and "
                           f"{fields}")
     return True
+
+
+def _input_bytes(inputs: list[str]) -> int:
+    total = 0
+    for path in inputs:
+        if os.path.isdir(path):  # a saved dataset
+            total += sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
+        else:
+            total += os.path.getsize(path)
+    return total
+
+
+def _check_inline_size(cfg: Config, what: str, spec, inputs: list[str], world_size: int) -> None:
+    """A multi-process job does not preprocess a big raw source on first use: every GPU would wait."""
+    limit = cfg.data.max_inline_preprocess_bytes
+    if world_size <= 1 or not limit:
+        return
+    size = _input_bytes(inputs)
+    if size <= limit:
+        return
+    from megakor.data.blend import cache_prefix
+    from megakor.data.indexed import is_indexed_prefix
+
+    prefix = cache_prefix(spec, tokenizer_dir(cfg), cfg.data.cache_dir)
+    if is_indexed_prefix(prefix) and os.path.exists(prefix + ".json"):
+        return  # preprocessed into data.cache_dir already: nothing to do at start-up
+    raise ConfigError(
+        f"{what} ({spec.path}) is {_human_bytes(size)} of raw files, more than data.max_inline_preprocess_bytes="
+        f"{limit} that a {world_size}-process job preprocesses while its GPUs wait; preprocess it first with "
+        f"`sbatch --array=0-N slurm/preprocess.sh --input {_shell_paths(spec.path)} --tokenizer {tokenizer_dir(cfg)} "
+        f"--output-prefix PREFIX` and give PREFIX as its path (or raise data.max_inline_preprocess_bytes)")
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _shell_paths(path) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(p) for p in (path if isinstance(path, list) else [path]))
 
 
 def _first_document(inputs: list[str], spec) -> str | None:
