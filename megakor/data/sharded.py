@@ -18,7 +18,8 @@ split into signature, bucket and cluster stages in datatrove and NeMo Curator):
             kept: it cannot be a duplicate of anything, nor anything a duplicate of it;
   cluster   the candidates, in input order, through the same greedy `Deduplicator` rule as the single
             process (the first of each group is kept), while the kept documents are written out.
-The result equals the single-process run token for token; the merge holds only the candidates.
+The result equals the single-process run token for token. The merge's memory is bounded by one work
+unit and one bucket pass; its Deduplicator holds only the candidates, not every kept document.
 """
 
 from __future__ import annotations
