@@ -42,6 +42,7 @@ from megakor.default_job import Recipe, load_recipe, prepare_start, recipe_sourc
 
 SPLITS = ("ko", "ko2", "en")
 BASELINE = "plain"
+DEFAULT_ARM = "plain_lr_1e-4"  # the arm whose settings configs/recipes/default.yaml holds
 
 
 def held_out_splits(cache, eval_chars: int) -> dict[str, list[str]]:
@@ -232,7 +233,8 @@ def plot(results: dict, folder: Path) -> list[Path]:
         for name, a in results["arms"].items():
             trained = [p for p in a["curve"] if not p.get("merged")]
             line, = ax.plot([p["tokens"] for p in trained], [p[split] for p in trained], marker="o", markersize=3,
-                            label=name, linewidth=2.2 if name in ("default", BASELINE) else 1.2)
+                            label=name + (" (= default)" if name == DEFAULT_ARM else ""),
+                            linewidth=2.2 if name in (DEFAULT_ARM, BASELINE) else 1.2)
             for p in a["curve"]:
                 if p.get("merged"):  # after merging back toward the start: a star above the last point
                     ax.plot([p["tokens"]], [p[split]], marker="*", markersize=11, color=line.get_color(),
