@@ -447,8 +447,10 @@ def layer_range(spec: str, num_layers: int | None = None) -> range:
     `num_layers`, they must exist."""
     if spec in ("", None):
         return range(0)
-    first, _, last = str(spec).partition("-")
+    first, dash, last = str(spec).partition("-")
     try:
+        if dash and not last:
+            raise ValueError
         layers = range(int(first), int(last or first) + 1)
     except ValueError:
         raise ConfigError(f"train.frozen_layers={spec!r} is not a layer range; write first-last, e.g. \"8-21\"") from None

@@ -69,6 +69,8 @@ class Recipe:
                              "set stage1_steps: 0 for plain continued pretraining")
         if self.stage1_steps + self.stage2_steps == 0:
             raise ValueError("stage1_steps + stage2_steps is 0; give the recipe some training steps")
+        if isinstance(self.frozen_layers, int):  # YAML reads `frozen_layers: 5` as a number
+            self.frozen_layers = str(self.frozen_layers)
         self.frozen_layer_range()  # "first-last" or a one-sentence error
         if not 0 < self.merge_keep <= 1:
             raise ValueError(f"merge_keep={self.merge_keep} must be in (0, 1]: 1 keeps the whole training update "

@@ -54,6 +54,8 @@ def test_merge_refuses_what_it_cannot_merge(tmp_path):
         merge_toward_start(start, trained, 0.0, tmp_path / "m")
     with pytest.raises(ValueError, match="same vocabulary"):
         merge_toward_start(other, trained, 0.5, tmp_path / "m")
-    with pytest.raises(ValueError, match="is the trained checkpoint itself"):
+    with pytest.raises(ValueError, match="is one of the checkpoints being merged"):
         merge_toward_start(start, trained, 0.5, trained)
+    with pytest.raises(ValueError, match="is one of the checkpoints being merged"):
+        merge_toward_start(start, trained, 0.5, start)
     assert not (tmp_path / "m").exists(), "a refused merge writes nothing"

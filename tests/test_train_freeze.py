@@ -105,6 +105,8 @@ def test_frozen_layers_are_checked_before_training():
     assert layer_range("8-21") == range(8, 22) and layer_range("3") == range(3, 4) and not layer_range("")
     with pytest.raises(ConfigError, match="not a layer range"):
         layer_range("eight")
+    with pytest.raises(ConfigError, match="not a layer range"):
+        layer_range("3-")
     with pytest.raises(ConfigError, match="names no layers"):
         layer_range("5-2")
     with pytest.raises(ConfigError, match="past the model's 30 layers"):

@@ -41,10 +41,10 @@ def merge_toward_start(start: str | os.PathLike, trained: str | os.PathLike, kee
         raise ValueError(f"{trained} stores its weights as pytorch_model.bin; write it as safetensors first "
                          "(python launch/convert.py) and merge that")
     out, src = Path(out_dir), Path(trained)
-    if out.resolve() == src.resolve():
-        raise ValueError(f"out_dir {out} is the trained checkpoint itself; write the merge elsewhere")
+    if out.resolve() in (src.resolve(), Path(start).resolve()):
+        raise ValueError(f"out_dir {out} is one of the checkpoints being merged; write the merge elsewhere")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.safetensors"):
+    for stale in [*out.glob("*.safetensors"), *out.glob("model.safetensors.index.json")]:
         stale.unlink()
     for f in src.iterdir():  # config, tokenizer, index and extension metadata as trained has them
         if f.is_file() and not f.name.endswith(".safetensors"):
