@@ -315,3 +315,12 @@ def test_raw_source_above_inline_size_refused_in_two_rank_job(inputs, tmp_path):
     cfg.data.max_inline_preprocess_bytes = 100
     resolve_source(SourceSpec.from_dict(cfg.data.sources[0]), str(inputs["hf"]), cfg.data.cache_dir, 0)
     preflight(cfg, 2)  # already in data.cache_dir: nothing left to preprocess at start-up
+
+    # The command it names reproduces the source's own reading and cleaning settings.
+    cfg.data.sources = [{"path": str(inputs["raw"]), "lang": "en", "text_unit": "line", "near_dup_threshold": 0.9}]
+    with pytest.raises(ConfigError, match="--text-unit line --min-hangul-ratio 0.0 --near-dup-threshold 0.9 "
+                                          "--output-prefix PREFIX"):
+        preflight(cfg, 2)
+    cfg.data.sources = [{"path": str(inputs["raw"]), "format": "chat"}]  # the array job reads text only
+    with pytest.raises(ConfigError, match="run this source once in a 1-process job"):
+        preflight(cfg, 2)

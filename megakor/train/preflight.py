@@ -229,11 +229,37 @@ def _check_inline_size(cfg: Config, what: str, spec, inputs: list[str], world_si
     prefix = cache_prefix(spec, tokenizer_dir(cfg), cfg.data.cache_dir)
     if is_indexed_prefix(prefix) and os.path.exists(prefix + ".json"):
         return  # preprocessed into data.cache_dir already: nothing to do at start-up
+    too_big = (f"{what} ({spec.path}) is {_human_bytes(size)} of raw files, more than data.max_inline_preprocess_bytes="
+               f"{limit} that a {world_size}-process job preprocesses while its GPUs wait")
+    if spec.format == "chat":  # task examples: the array job reads text documents only
+        raise ConfigError(f"{too_big}; run this source once in a 1-process job (it preprocesses into "
+                          "data.cache_dir, which later jobs reuse) or raise data.max_inline_preprocess_bytes")
     raise ConfigError(
-        f"{what} ({spec.path}) is {_human_bytes(size)} of raw files, more than data.max_inline_preprocess_bytes="
-        f"{limit} that a {world_size}-process job preprocesses while its GPUs wait; preprocess it first with "
-        f"`sbatch --array=0-N slurm/preprocess.sh --input {_shell_paths(spec.path)} --tokenizer {tokenizer_dir(cfg)} "
-        f"--output-prefix PREFIX` and give PREFIX as its path (or raise data.max_inline_preprocess_bytes)")
+        f"{too_big}; preprocess it first with `sbatch --array=0-N slurm/preprocess.sh --input {_shell_paths(spec.path)} "
+        f"--tokenizer {tokenizer_dir(cfg)}{_preprocess_flags(spec)} --output-prefix PREFIX` and give PREFIX as its path "
+        "(or raise data.max_inline_preprocess_bytes)")
+
+
+def _preprocess_flags(spec) -> str:
+    """launch/preprocess.py's options that reproduce a source's reading, cleaning and dedup settings."""
+    import shlex
+
+    flags = []
+    if spec.text_field != "text":
+        flags += ["--text-field", spec.text_field]
+    if spec.text_unit != "blank_line":
+        flags += ["--text-unit", spec.text_unit]
+    if not spec.clean:
+        flags.append("--no-clean")
+    else:
+        ratio = spec.clean_config().min_hangul_ratio
+        if ratio != 0.2:
+            flags += ["--min-hangul-ratio", str(ratio)]
+        if not spec.dedup:
+            flags.append("--no-dedup")
+        elif spec.near_dup_threshold != 0.8:
+            flags += ["--near-dup-threshold", str(spec.near_dup_threshold)]
+    return "".join(" " + shlex.quote(f) for f in flags)
 
 
 def _human_bytes(n: int) -> str:
