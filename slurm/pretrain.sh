@@ -107,9 +107,10 @@ rc=0; wait "$srun_pid" || rc=$?
 while kill -0 "$srun_pid" 2>/dev/null; do rc=0; wait "$srun_pid" || rc=$?; done
 if [[ -e $MEGAKOR_REQUEUE_MARK ]]; then rc=$REQUEUE_EXIT; rm -f "$MEGAKOR_REQUEUE_MARK"; fi
 
+# Said first: `scontrol requeue` may end this script before its next line runs.
+say "training step exited with $rc"
 if (( rc == REQUEUE_EXIT )); then
   say "trainer asked for requeue (exit $rc): scontrol requeue $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
 fi
-say "training step exited with $rc"
 exit "$rc"
