@@ -47,25 +47,6 @@ def job_state(job_id: str) -> str | None:
     return m.group(1) if m else None
 
 
-def task_of_line(prefix: str):
-    """(path, line) -> the task that read it, from the kept P.tasks/ layout and work-unit line counts."""
-    from megakor.data.sources import Piece, line_offsets
-
-    layout = json.loads(Path(prefix + ".tasks/layout.json").read_text())
-    pieces = [Piece.from_dict(d) for d in layout["pieces"]]
-    lines, owner = {}, {}
-    for t, units in enumerate(layout["tasks"]):
-        for u in units:
-            summary = json.loads(Path(f"{prefix}.tasks/{t}/{u:05d}.json").read_text())
-            lines.update({int(k): v for k, v in summary["piece_lines"].items()})
-            owner.update({j: t for j in layout["shards"][u]})
-    offsets = line_offsets(pieces, lines)
-    by_path: dict[str, list[tuple[int, int, int]]] = {}
-    for j, p in enumerate(pieces):
-        by_path.setdefault(p.path, []).append((offsets[j], offsets[j] + lines.get(j, 1 << 40), owner[j]))
-    return lambda path, line: next(t for a, b, t in by_path[path] if a < line <= b)
-
-
 def missed(planted: list, dropped: dict) -> list[dict]:
     """The planted copies not dropped as duplicates, with their MinHash Jaccard estimate to the original
     and the probability that LSH banding of the dedup threshold finds a pair of that similarity."""
@@ -159,6 +140,8 @@ def main():
     for line in Path(prefix + ".skipped.log").read_text().splitlines()[1:]:
         reason, where = line.split("\t")[:2]
         dropped[where] = reason
+    from megakor.data.sharded import task_of_line
+
     task_of = task_of_line(prefix)
     planted = info["planted"]
     caught = [pl for pl in planted if dropped.get(f"{pl[0]}:{pl[1]}") in ("exact_duplicate", "near_duplicate")]

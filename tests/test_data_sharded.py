@@ -82,26 +82,6 @@ def run_array(files, tok, prefix, num_tasks, options, **merge_kw):
     return merge(files, str(tok), prefix, options=options, **merge_kw)
 
 
-def task_of_line(prefix):
-    """(path, line) -> the task that read it, from the kept P.tasks/ (layout and work-unit line counts)."""
-    from megakor.data.sources import Piece, line_offsets
-
-    layout = json.loads(Path(prefix + ".tasks/layout.json").read_text())
-    pieces = [Piece.from_dict(d) for d in layout["pieces"]]
-    lines, owner = {}, {}
-    for t, units in enumerate(layout["tasks"]):
-        for u in units:
-            summary = json.loads(Path(f"{prefix}.tasks/{t}/{u:05d}.json").read_text())
-            lines.update({int(k): v for k, v in summary["piece_lines"].items()})
-            owner.update({j: t for j in layout["shards"][u]})
-    offsets = line_offsets(pieces, lines)
-
-    def task_of(path, line):
-        return next(owner[j] for j, p in enumerate(pieces)
-                    if p.path == path and offsets[j] < line <= offsets[j] + lines.get(j, 1 << 40))
-    return task_of
-
-
 def skipped_log(prefix):
     return Path(prefix + ".skipped.log").read_text().splitlines()
 
@@ -123,6 +103,8 @@ def test_tasks_and_merge_equal_the_single_process_run_and_catch_cross_task_dupli
     assert report["skipped"]["malformed_json"] == 2 and report["skipped"]["too_short"] == 2
 
     # Every planted duplicate is dropped for its reason; most have their original in another task's share.
+    from megakor.data.sharded import task_of_line
+
     task_of = task_of_line(prefix)
     cross = [key for key, (_, original) in planted.items() if task_of(*key) != task_of(files[0], original)]
     assert len(cross) >= len(planted) // 2, (len(cross), len(planted))

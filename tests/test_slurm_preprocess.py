@@ -16,18 +16,9 @@ from pathlib import Path
 import pytest
 
 from test_data_sharded import build_corpus, skipped_log, tokenizer_dir
-from test_slurm_cluster import _cluster_problem, _job_info
+from test_slurm_cluster import _job_info, _usable_cluster  # noqa: F401 (autouse: skip or fail without Slurm)
 
 REPO = Path(__file__).resolve().parents[1]
-_problem = _cluster_problem()
-
-
-@pytest.fixture(autouse=True)
-def _usable_cluster():
-    if _problem is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the Slurm cluster is unusable: {_problem}")
-        pytest.skip(_problem)
 
 
 def _wait_gone(job_id: str, timeout: float, logs: str) -> dict:

@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from megakor.data.preprocess import (
     PreprocessOptions, _fingerprint, _run_shards, _tokenizer_backend, _write_report, fast_path_supported, merge_units,
     peak_rss_mb, plan_work_units,
 )
-from megakor.data.sources import Piece, expand_inputs
+from megakor.data.sources import Piece, expand_inputs, line_offsets
 
 log = logging.getLogger(__name__)
 
@@ -353,3 +354,21 @@ def merge(inputs, tokenizer_path: str, output_prefix: str, options: PreprocessOp
     log.info("merged %s: %d documents, %d tokens, skipped %s; report in %s", prefix, merged["documents"],
              merged["tokens"], merged["skipped"] or "none", report_path)
     return merged
+
+
+def task_of_line(prefix: str):
+    """A function (path, line) -> the array task that read that line, from a kept P.tasks/ (its layout
+    and the work units' line counts): which task a document came from, for reports and checks."""
+    layout = json.loads(Path(prefix + ".tasks/layout.json").read_text())
+    pieces = [Piece.from_dict(d) for d in layout["pieces"]]
+    lines, owner = {}, {}
+    for t, units in enumerate(layout["tasks"]):
+        for u in units:
+            summary = json.loads(Path(f"{prefix}.tasks/{t}/{u:05d}.json").read_text())
+            lines.update({int(k): v for k, v in summary["piece_lines"].items()})
+            owner.update({j: t for j in layout["shards"][u]})
+    offsets = line_offsets(pieces, lines)
+    by_path: dict[str, list[tuple[int, int, int]]] = {}
+    for j, p in enumerate(pieces):
+        by_path.setdefault(p.path, []).append((offsets[j], offsets[j] + lines.get(j, 1 << 40), owner[j]))
+    return lambda path, line: next(t for a, b, t in by_path[path] if a < line <= b)
