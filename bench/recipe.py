@@ -67,9 +67,16 @@ def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None,
                 frozen_layers: range = range(0)) -> None:
     """One stage, the trainer's step in one process: summed NLL / labelled tokens of the global batch,
     clip to cfg.train.grad_clip, AdamW at the cosine schedule's rate (warmup, then down to lr/10).
-    Decoder layers in `frozen_layers` keep their weights."""
+    Decoder layers in `frozen_layers` keep their weights. Rows of distilled sources are scored by KL
+    against the stage's start. `on_step(loss, tokens the teacher read)`."""
     from megakor.train.schedule import lr_at
 
+    import copy
+
+    from megakor.train.loop import teacher_inputs
+
+    # Sources with distill: true are scored against the stage's start, as the trainer's teacher is model.init_from.
+    teacher = copy.deepcopy(model).requires_grad_(False).eval() if batches.dataset.distill else None
     model.train_only_vocab_rows_from(freeze_below)
     frozen = tuple(f"layers.{i}." for i in frozen_layers)
     for name, p in model.named_parameters():
@@ -82,13 +89,15 @@ def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None,
             group["lr"] = lr_at(step, cfg.optim.schedule, lr, lr / 10, cfg.optim.warmup_steps, steps)
         b = next(batches)
         tokens = max(int((b["labels"] != -100).sum()), 1)
-        loss = model(b["input_ids"], b["position_ids"], b["labels"], reduction="sum") / tokens
+        distill = teacher_inputs(teacher, b, "cpu")
+        loss = model(b["input_ids"], b["position_ids"], b["labels"], reduction="sum",
+                     **({} if distill is None else {"teacher": distill})) / tokens
         loss.backward()
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        on_step(float(loss))
+        on_step(float(loss), 0 if distill is None else int(distill[0].numel()) * b["input_ids"].shape[1])
     model.train_only_vocab_rows_from(None)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -107,6 +116,13 @@ def stage_flops(args, seq_len: int, tokens: int, frozen_body: bool, frozen_layer
         per_layer = (matmul_parameters(args) - args.vocab_size * args.hidden_size) / args.num_layers
         per_token -= 2.0 * per_layer * frozen_layers
     return per_token * tokens
+
+
+def teacher_flops(args, seq_len: int, tokens: int) -> float:
+    """The teacher's forward over the distilled tokens: a third of training's 6N (+ attention) per token."""
+    from megakor.train.metrics import flops_per_token
+
+    return flops_per_token(args, seq_len) / 3 * tokens
 
 
 def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
@@ -149,11 +165,12 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
         batches = BatchIterator(train_set, cfg.train.global_batch, cfg.train.global_batch)
         stage_frozen = freeze is not None
 
-        def on_step(loss, stage_frozen=stage_frozen):
+        def on_step(loss, teacher_tokens, stage_frozen=stage_frozen):
             nonlocal done, flops
             done += 1
             flops += stage_flops(args, cfg.train.seq_len, step_tokens, stage_frozen,
                                  0 if stage_frozen else len(recipe.frozen_layer_range()))
+            flops += teacher_flops(args, cfg.train.seq_len, teacher_tokens)
             losses.append(loss)
             if done % eval_every == 0 and done != recipe.steps:
                 point(done)

@@ -55,7 +55,10 @@ class TokenizerConfig:
 class DataConfig:
     sources: list[dict] = field(default_factory=list)
     """Training mixture: a list of {path, weight[, name, text_field, ...cleaning options]}; path is a
-    preprocessed prefix or raw files (preprocessed into cache_dir on first use)."""
+    preprocessed prefix or raw files (preprocessed into cache_dir on first use). A source with
+    `distill: true` is replay scored against the starting model (model.init_from, kept frozen beside the
+    one that trains, one full copy per rank): its tokens' loss is KL(start ‖ model) over the vocabulary
+    instead of cross-entropy on its text (self-distillation against forgetting)."""
     eval: list[dict] = field(default_factory=list)
     """Held-out evaluation sources, same entries as `sources` (weight unused); each is reported by name."""
     cache_dir: str = "cache/data"
@@ -389,6 +392,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.eval_generate decodes on one rank's full copy of the model, which needs "
                           "parallel.tensor=1 and parallel.pipeline=1; set train.eval_generate=0 and score the "
                           "export with launch/evaluate.py --generate")
+    distilled = [e.get("name") or e.get("path") for e in cfg.data.sources if isinstance(e, dict) and e.get("distill")]
+    if distilled and (p.tensor > 1 or p.pipeline > 1):
+        raise ConfigError(f"data source(s) {distilled} set distill: true, which scores them against a full copy of "
+                          f"the starting model on each rank; set parallel.tensor=1 and parallel.pipeline=1 "
+                          f"(they are {p.tensor} and {p.pipeline}) or distill: false")
     if world_size is not None:
         validate_schedule(cfg)
         model_parallel = p.tensor * p.pipeline

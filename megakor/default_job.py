@@ -49,6 +49,7 @@ class Recipe:
     chat_share: float = 0.0  # share of training sequences from the base's own chat answers (replay set)
     merge_keep: float = 1.0  # after the last stage: start + merge_keep x (trained - start) (WiSE-FT); 1 = no merge
     frozen_layers: str = ""  # stage 2: decoder layers whose weights stay the base's, "first-last" (e.g. "8-21")
+    distill_replay: bool = False  # replay (English prose, chat answers) scored by KL against the stage's start, not CE
 
     def frozen_layer_range(self) -> range:
         """The decoder layers `frozen_layers` names (empty when it is "")."""
@@ -78,6 +79,11 @@ class Recipe:
         if not (0 <= self.english_share and 0 <= self.chat_share and self.english_share + self.chat_share < 1):
             raise ValueError(f"english_share={self.english_share} + chat_share={self.chat_share} must be in [0, 1) "
                              "so that Korean keeps a share")
+        if not isinstance(self.distill_replay, bool):
+            raise ValueError(f"distill_replay={self.distill_replay!r}; write true or false")
+        if self.distill_replay and not (self.english_share or self.chat_share):
+            raise ValueError("distill_replay scores the replay sources, but english_share and chat_share are 0; "
+                             "give the replay a share or set distill_replay: false")
 
     @property
     def steps(self) -> int:
@@ -139,6 +145,9 @@ def recipe_sources(recipe: Recipe, corpora: dict, chat_replay: Path | None) -> l
     if recipe.chat_share:
         sources.append({"path": str(chat_replay), "weight": recipe.chat_share, "name": "chat", "lang": "en",
                         "clean": False, "dedup": False})
+    if recipe.distill_replay:  # the replay keeps the start's next-token distributions, not just its text
+        for s in sources[1:]:
+            s["distill"] = True
     return sources
 
 

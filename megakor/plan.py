@@ -381,6 +381,12 @@ def plan(cfg: Config, args: ModelArgs, nodes: int, gpus_per_node: int, gpu_memor
                                   f"{chunk:,} tokens × {vocab_rows:,} vocab rows × 4 B × 2", LOSS))
             rows.append(Component("LM-head gradients held by the loss", head_gradient_bytes(args, tp, tokens),
                                   "fp32 + bf16 head grad, bf16 d/d hidden", LOSS))
+        if any(isinstance(e, dict) and e.get("distill") for e in cfg.data.sources):  # validation keeps TP = PP = 1
+            rows.append(Component("distillation teacher (the frozen start)", params * BF16,
+                                  f"bf16 copy of all {params / 1e6:,.0f} M parameters on every rank (distill: true)",
+                                  STATES))
+            rows.append(Component("teacher logits chunk", chunk * vocab_rows * 4 * 2,
+                                  f"{chunk:,} tokens × {vocab_rows:,} vocab rows × 4 B × 2 (logits, probabilities)", LOSS))
         stages.append(StagePlan(stage, _describe(names), params, in_flight, rows))
 
     worst = max(stages, key=lambda s: s.total)

@@ -108,6 +108,17 @@ def test_tied_head_is_one_parameter_and_still_has_its_loss_buffers():
     assert stage.by_kind()[plan.LOSS] > 0
 
 
+def test_a_distilled_source_adds_the_frozen_start_in_bf16_and_its_logits_chunk():
+    args = preset("smollm2-135m")
+    common = ["model.init_from=smollm2-135m", "train.global_batch=8", "train.micro_batch=2", "train.seq_len=1024"]
+    (plain,) = plan.plan(load_config(None, [*common, "data.sources=[{path: x}, {path: y}]"]), args, 1, 2).stages
+    (distilled,) = plan.plan(load_config(None, [*common, "data.sources=[{path: x}, {path: y, distill: true}]"]),
+                             args, 1, 2).stages
+    extra = {c.name: c.bytes for c in distilled.components}
+    assert distilled.total - plain.total == args.num_parameters() * 2 + extra["teacher logits chunk"]
+    assert extra["teacher logits chunk"] == 1024 * plan.padded_vocab_size(args.vocab_size, 1) * 8
+
+
 # ---- activations, by hand --------------------------------------------------------------------------
 
 def test_activations_hand_count_debug_model():

@@ -40,3 +40,12 @@ def test_mistakes_are_named(tmp_path):
         Recipe(merge_keep=0)
     with pytest.raises(ValueError, match="init='zeros'"):
         Recipe(init="zeros")
+    with pytest.raises(ValueError, match="distill_replay scores the replay sources, but english_share and chat_share are 0"):
+        Recipe(distill_replay=True, english_share=0, chat_share=0)
+
+
+def test_distill_replay_marks_only_the_replay_sources():
+    sources = recipe_sources(load_recipe("distill_replay"), {"ko.train": "ko.jsonl", "en.train": "en.jsonl"}, "chat.jsonl")
+    assert {s["name"]: s.get("distill", False) for s in sources} == {"ko": False, "en": True, "chat": True}
+    plain = recipe_sources(load_recipe("plain"), {"ko.train": "ko.jsonl", "en.train": "en.jsonl"}, "chat.jsonl")
+    assert not any(s.get("distill") for s in plain)

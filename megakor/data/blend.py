@@ -67,6 +67,7 @@ class SourceSpec:
     holdout_documents: int = 0  # the last N documents become eval set "<name>" and are never trained on
     format: str = "text"  # "chat": task examples (messages or prompt/response), prompt-masked (megakor.data.chat)
     overlong: str = "truncate"  # format chat: an example longer than train.seq_len + 1 is truncated or dropped
+    distill: bool = False  # replay scored against the starting model: KL(start ‖ model) on its tokens, not CE on its text
 
     def __post_init__(self):
         if isinstance(self.path, (list, tuple)):
@@ -296,7 +297,8 @@ class BlendedDataset(torch.utils.data.Dataset):
     """Map-style dataset over an unbounded number of samples: `ds[i]` is deterministic given
     (sources, weights, seq_len, seed) and independent of the data-parallel layout."""
 
-    def __init__(self, sources: list[PackedSource], weights: list[float], seed: int = 0):
+    def __init__(self, sources: list[PackedSource], weights: list[float], seed: int = 0,
+                 distill: list[bool] | None = None):
         if not sources or len(sources) != len(weights):
             raise ValueError("blending needs one weight per source and at least one source")
         if len(sources) * (len(sources) - 1) > BLEND_BLOCK:  # the heaviest source must absorb the rounding
@@ -304,6 +306,8 @@ class BlendedDataset(torch.utils.data.Dataset):
         w = np.asarray(weights, dtype=np.float64)
         self.sources, self.weights, self.seed = sources, w / w.sum(), seed
         self.names = [s.name for s in sources]
+        # With a distilled source every sample says whether it is one: the trainer scores those rows by KL.
+        self.distill = list(distill) if distill and any(distill) else None
         self._heaviest = int(np.argmax(self.weights))
         self._block_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -336,7 +340,10 @@ class BlendedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         s, j = self.locate(index)
-        return self.sources[s][j]
+        sample = self.sources[s][j]
+        if self.distill is not None:
+            sample["distill"] = torch.tensor(self.distill[s])
+        return sample
 
 
 class BatchIterator:
@@ -520,4 +527,4 @@ def build_datasets(
     eos = {ps.name: ps.docs.eos_id for ps in [*train_sets, *eval_sets.values()]}
     if len(set(eos.values())) > 1:
         raise ValueError(f"sources were tokenised with different EOS ids {eos}; preprocess all of them with the same tokenizer")
-    return BlendedDataset(train_sets, [s.weight for s in train], seed), eval_sets
+    return BlendedDataset(train_sets, [s.weight for s in train], seed, [s.distill for s in train]), eval_sets

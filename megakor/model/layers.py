@@ -238,3 +238,54 @@ def lm_head_cross_entropy(hidden, weight, labels, vocab_size: int, chunk_tokens:
         return loss / (labels != -100).sum().clamp_min(1)
     return loss
 
+
+
+class _ChunkedLMHeadKL(torch.autograd.Function):
+    """Summed KL(teacher ‖ student) over the vocabulary, per masked token, of two LM heads (TP = 1).
+
+    The student's logits are `hidden @ weightᵀ`, the teacher's `teacher_hidden @ teacher_weightᵀ`
+    (no gradient). As in `_ChunkedLMHeadCE`, one chunk of logits lives at a time and the student's
+    gradients are computed in the forward pass: d KL / d logits = softmax(student) − softmax(teacher),
+    cross-entropy's gradient with the teacher's distribution in place of the one-hot label.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, mask, vocab_size, chunk_tokens):
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        total = hidden.new_zeros((), dtype=acc_dtype)
+        grad_hidden = torch.zeros_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad else None
+        for s in range(0, hidden.shape[0], chunk_tokens):
+            h, m = hidden[s:s + chunk_tokens], mask[s:s + chunk_tokens].to(acc_dtype).unsqueeze(1)
+            # Padding rows (at or above vocab_size) are no word of either model: left out of both softmaxes.
+            log_q = F.linear(h, weight[:vocab_size]).to(acc_dtype).log_softmax(-1)
+            log_p = F.linear(teacher_hidden[s:s + chunk_tokens], teacher_weight[:vocab_size]).to(acc_dtype).log_softmax(-1)
+            p = log_p.exp()
+            total += (p * (log_p - log_q) * m).sum()
+            if needs_grad:
+                g = (log_q.exp_().sub_(p)).mul_(m).to(hidden.dtype)  # in place: log_q's buffer becomes the gradient
+                grad_hidden[s:s + chunk_tokens] = g @ weight[:vocab_size]
+                grad_weight[:vocab_size] += (g.t() @ h).to(acc_dtype)
+        if needs_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden.mul_(grad_out)
+        grad_weight.mul_(grad_out)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def lm_head_distill_kl(hidden, weight, teacher_hidden, teacher_weight, mask, vocab_size: int,
+                       chunk_tokens: int = 1024):
+    """Σ over tokens where `mask` of KL(teacher ‖ student) between the two LM heads' next-token
+    distributions (self-distillation against forgetting), without materialising [tokens, vocab] logits.
+
+    hidden, teacher_hidden: [N, D]; weight, teacher_weight: the full heads [V(+padding), D] (TP = 1);
+    mask: [N] bool. The result is in fp32; only the student (hidden, weight) gets gradients.
+    """
+    return _ChunkedLMHeadKL.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), mask,
+                                  vocab_size, chunk_tokens)

@@ -24,6 +24,7 @@ from megakor.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     lm_head_cross_entropy,
+    lm_head_distill_kl,
     padded_vocab_size,
     rows_trainable_from,
     tp_world,
@@ -179,9 +180,31 @@ class Llama(nn.Module):
         return lm_head_cross_entropy(hidden.reshape(-1, D), self._head(), labels.reshape(-1),
                                      self.args.vocab_size, self.loss_chunk_tokens, self.tp_group, reduction)
 
+    def distill_loss(self, hidden: torch.Tensor, labels: torch.Tensor, teacher) -> torch.Tensor:
+        """Summed loss of a micro-batch some of whose rows are scored against a teacher: cross-entropy on
+        the labelled tokens of the other rows, KL(teacher ‖ model) on the labelled tokens of those rows.
+        `teacher` is (rows [b] int64 indices into the batch, the teacher's final hidden states of those
+        rows [b, T, D], the teacher's head weight)."""
+        rows, teacher_hidden, teacher_head = teacher
+        if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
+            raise ValueError("distillation needs the whole LM head on one rank (parallel.tensor=1)")
+        D = hidden.shape[-1]
+        ce = self.loss(hidden, labels.index_fill(0, rows, -100), reduction="sum")
+        kl = lm_head_distill_kl(hidden.index_select(0, rows).reshape(-1, D), self._head(), teacher_hidden.reshape(-1, D),
+                                teacher_head, labels.index_select(0, rows).reshape(-1) != -100, self.args.vocab_size,
+                                self.loss_chunk_tokens)
+        return ce + kl
+
     def forward(self, input_ids, position_ids=None, labels=None, reduction: str = "mean", cu_seqlens=None,
-                max_seqlen: int | None = None):
+                max_seqlen: int | None = None, teacher=None):
         """Logits [B, T, V] without labels; with them the loss over labelled tokens, averaged (mean) or
-        summed (sum: the trainer divides by the token count of the whole global batch)."""
+        summed (sum: the trainer divides by the token count of the whole global batch). With `teacher`
+        (see `distill_loss`; reduction sum) the teacher's rows are scored by KL instead of cross-entropy."""
         h = self.hidden_states(input_ids, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return self.logits(h) if labels is None else self.loss(h, labels, reduction)
+        if labels is None:
+            return self.logits(h)
+        if teacher is not None:
+            if reduction != "sum":
+                raise ValueError("a teacher's loss is summed: the trainer divides by the global batch's tokens")
+            return self.distill_loss(h, labels, teacher)
+        return self.loss(h, labels, reduction)

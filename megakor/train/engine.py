@@ -412,6 +412,33 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
     return model
 
 
+def distilled_sources(cfg: Config) -> list[str]:
+    """Names (or paths) of the training sources scored against the starting model (`distill: true`)."""
+    return [e.get("name") or str(e.get("path")) for e in cfg.data.sources if isinstance(e, dict) and e.get("distill")]
+
+
+def build_teacher(cfg: Config, ps, dtype: torch.dtype, device: torch.device) -> Llama | None:
+    """The starting model (`model.init_from`, read as the trained model reads it), frozen, when some source
+    has `distill: true`; else None. It is a plain module, not DeepSpeed's: a full copy on every rank in
+    the training dtype (config validation keeps parallel.tensor and parallel.pipeline at 1), allocated
+    directly in that dtype on the device."""
+    if not distilled_sources(cfg):
+        return None
+    args = resolved_model_args(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            teacher = Llama(args, None, cfg.model.attention, cfg.model.loss_chunk_tokens, False)
+        teacher = teacher.to_empty(device=device)
+    finally:
+        torch.set_default_dtype(default)
+    teacher.rope.inv_freq = rope_inv_freq(args).to(device)
+    load_weights(teacher, cfg.model.init_from, cfg.train.seed, 0, 1, ps.dp_rank, False, cfg.tokenizer.path,
+                 cfg.tokenizer.new_embedding_init)
+    return teacher.requires_grad_(False).eval()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups over the trainable parameters: weight decay on matrices and embeddings, none on norms
     and biases (1-D). With frozen vocabulary rows nothing decays: decay would move the old rows."""

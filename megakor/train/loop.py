@@ -211,11 +211,30 @@ def document_square_sum(batch: dict) -> int:
     return int((lengths * lengths).sum())
 
 
+def teacher_inputs(teacher, host: dict, device) -> tuple | None:
+    """For a micro-batch with distilled rows (its host-side `distill` flags): (row indices, the teacher's
+    final hidden states of those rows, the teacher's head) for the model's forward; None without such
+    rows. Only the distilled rows go through the teacher; the flags are read on the host (no sync)."""
+    if teacher is None or "distill" not in host or not bool(host["distill"].any()):
+        return None
+    from megakor.model.attention import cu_seqlens_from_positions
+
+    rows = host["distill"].nonzero().flatten()
+    positions = host["position_ids"].index_select(0, rows)
+    cu_seqlens, max_seqlen = cu_seqlens_from_positions(positions)
+    with torch.no_grad():
+        hidden = teacher.hidden_states(host["input_ids"].index_select(0, rows).to(device), positions.to(device),
+                                       cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
+    return rows.to(device), hidden, teacher.head_weight
+
+
 def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lambda: False,
-               inject_nan: bool = False, timer: metrics.StepTimer | None = None) -> StepResult:
+               inject_nan: bool = False, timer: metrics.StepTimer | None = None, teacher=None) -> StepResult:
     """One optimizer step over this rank's micro-batches (module docstring). Between the last forward and
     its backward all ranks agree whether to skip the step and whether to stop after it (`faults`); that
-    agreement is the step's one device→host read. Micro-batches arrive on the host (pinned on CUDA)."""
+    agreement is the step's one device→host read. Micro-batches arrive on the host (pinned on CUDA).
+    With a `teacher` (sources with distill: true), their rows' tokens are scored by KL(teacher ‖ model)
+    instead of cross-entropy; they count as labelled tokens like any other."""
     # Token counts and document lengths come from the host copies: no device sync.
     labelled = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
     square_sum = sum(document_square_sum(b) for b in micro_batches)
@@ -248,8 +267,12 @@ def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lam
     values = []
     for i, host in enumerate(micro_batches):
         b = to_device(host, device)
+        extra = {}
+        distill = teacher_inputs(teacher, host, device)
+        if distill is not None:
+            extra["teacher"] = distill
         nll = engine(b["input_ids"], b["position_ids"], b["labels"], reduction="sum", cu_seqlens=b["cu_seqlens"],
-                     max_seqlen=b["max_seqlen"])
+                     max_seqlen=b["max_seqlen"], **extra)
         if inject_nan and i == 0:
             nll = nll * float("nan")
         loss_sum += nll.detach().double()
@@ -288,7 +311,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     from megakor.tokenizer import load_tokenizer
-    from megakor.train.engine import build_engine
+    from megakor.train.engine import build_engine, build_teacher, distilled_sources
 
     rank, world_size, device = init_distributed(timeout_seconds=cfg.parallel.timeout_seconds)
     ps = build_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
@@ -298,6 +321,10 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
         f"{cfg.model.init_from} ({args.num_parameters() / 1e6:.1f}M parameters), device {device.type}", flush=True)
 
     engine, _, dtype = build_engine(cfg, ps, device)
+    teacher = build_teacher(cfg, ps, dtype, device)
+    if teacher is not None:
+        say(f"megakor: sources {distilled_sources(cfg)} are scored against the starting model (KL, distill: true)",
+            flush=True)
     if ps.pp > 1:
         say(f"megakor: pipeline stages ({cfg.parallel.pipeline_partition}): {engine.module.describe_stages()}",
             flush=True)
@@ -351,7 +378,7 @@ def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
             timer.data_done()
             with profiled(cfg, step + 1, rank, device):
                 result = train_step(engine, micro_batches, ps, device, lambda: stop.received is not None,
-                                    faults.inject_nan(step + 1, rank), timer)
+                                    faults.inject_nan(step + 1, rank), timer, teacher)
             step += 1
             loss = losses[step] = result.loss
             skips.record(result.skipped)
