@@ -42,7 +42,7 @@ from megakor.default_job import Recipe, load_recipe, prepare_start, recipe_sourc
 
 SPLITS = ("ko", "ko2", "en")
 BASELINE = "plain"
-DEFAULT_ARM = "plain_lr_1e-4"  # the arm whose settings configs/recipes/default.yaml holds
+DEFAULT_ARM = "distill_replay"  # the arm whose settings configs/recipes/default.yaml holds
 
 
 def held_out_splits(cache, eval_chars: int) -> dict[str, list[str]]:
@@ -97,7 +97,7 @@ def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None,
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        on_step(float(loss), 0 if distill is None else int(distill[0].numel()) * b["input_ids"].shape[1])
+        on_step(float(loss.detach()), 0 if distill is None else int(distill[0].numel()) * b["input_ids"].shape[1])
     model.train_only_vocab_rows_from(None)
     for p in model.parameters():
         p.requires_grad_(True)

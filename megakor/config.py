@@ -486,12 +486,18 @@ def validate_model_layout(cfg: Config, num_heads: int, num_kv_heads: int, num_la
 def parse_job_arguments(cls, argv, description: str):
     """A job dataclass (DefaultJob, FinetuneJob) from `--field-name value` options, one per field, each
     defaulting to the field's default. Annotations are strings (PEP 563): "int" and "int | None" parse
-    as int, "float" likewise, anything else as a string; None keeps a "... | None" field unset."""
+    as int, "float" likewise, "bool" as true/false, anything else as a string; None keeps a "... | None"
+    field unset."""
     import argparse
+
+    def boolean(text: str) -> bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+        return text.lower() in ("true", "1", "yes")
 
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        kind = {"int": int, "float": float, "bool": boolean}.get(str(f.type).split(" |")[0], str)
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
     return cls(**vars(ap.parse_args(argv)))
 

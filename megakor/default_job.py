@@ -119,6 +119,8 @@ class DefaultJob:
     english_share: float | None = None
     chat_share: float | None = None
     merge_keep: float | None = None
+    frozen_layers: str | None = None
+    distill_replay: bool | None = None
     eval_chars: int = 12000  # characters of each held-out split scored (bounded for a 2-core CPU; as bench/recipe.py)
     eval_seq_len: int = 512  # chunk length of the evaluation protocol
     ranks: int = 2  # DeepSpeed processes (ZeRO-3 data parallel)
@@ -327,7 +329,8 @@ def run(job: DefaultJob) -> dict:
     if recipe.stage2_steps:
         stage(f"stage 2: all weights" + (f" but decoder layers {recipe.frozen_layers}" if recipe.frozen_layers else "")
               + f", {recipe.stage2_steps} steps at lr {recipe.stage2_lr}, replay: English prose "
-              f"{recipe.english_share:.0%}, the base's chat answers {recipe.chat_share:.0%}")
+              f"{recipe.english_share:.0%}, the base's chat answers {recipe.chat_share:.0%}"
+              + (", scored by KL against the stage's start (distill_replay)" if recipe.distill_replay else ""))
         current, tb2 = _train_stage(job, "stage2", current, sources, recipe.stage2_steps, recipe.stage2_lr, "none",
                                     recipe.frozen_layers)
     final = out / "hf"

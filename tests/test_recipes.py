@@ -22,6 +22,12 @@ def test_plain_is_the_base_tokenizer_in_one_stage_and_default_is_a_recipe():
     assert (plain.english_share, plain.chat_share) == (default.english_share, default.chat_share)
     assert DefaultJob().resolved_recipe() == default
     assert DefaultJob(stage2_lr=1e-5).resolved_recipe().stage2_lr == 1e-5
+    from megakor.config import parse_job_arguments
+
+    job = parse_job_arguments(DefaultJob, ["--distill-replay", "false", "--frozen-layers", "8-21"], "")
+    assert (job.resolved_recipe().distill_replay, job.resolved_recipe().frozen_layers) == (False, "8-21")
+    with pytest.raises(SystemExit):
+        parse_job_arguments(DefaultJob, ["--distill-replay", "maybe"], "")
 
 
 def test_mistakes_are_named(tmp_path):
