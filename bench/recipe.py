@@ -222,14 +222,14 @@ def base_figures(ctx: dict) -> dict:
 def table(results: dict) -> str:
     base, arms = results["base"], results["arms"]
     plain = arms.get(BASELINE)
-    head = (f"{'arm':22}{'tokens':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
+    head = (f"{'arm':26}{'tokens':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
             f"{'ko/plain':>9}{'ko2/plain':>10}")
-    lines = [head, f"{'base (untrained)':22}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
+    lines = [head, f"{'base (untrained)':26}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
              + f"{1.0:>7.3f}{'-':>8}"]
     for name, a in arms.items():
         ratios = "".join(f"{a[f'{k}_bits_per_char'] / plain[f'{k}_bits_per_char']:>{w}.3f}" if plain else f"{'-':>{w}}"
                          for k, w in (("ko", 9), ("ko2", 10)))
-        lines.append(f"{name:22}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
+        lines.append(f"{name:26}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
                      + "".join(f"{a[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
                      + f"{a['chat_bits_per_char_ratio']:>7.3f}{a['probes_kept']:>4}/{a['probes_base_right']:<3}" + ratios)
     return "\n".join(lines)
