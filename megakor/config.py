@@ -351,6 +351,11 @@ def _expand_home(cfg: Config) -> None:
                                  if isinstance(path, list) else os.path.expanduser(path))
 
 
+def distilled_sources(cfg: Config) -> list[str]:
+    """Names (or paths) of the training sources scored against the starting model (`distill: true`)."""
+    return [e.get("name") or str(e.get("path")) for e in cfg.data.sources if isinstance(e, dict) and e.get("distill")]
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Rules that span fields; with `world_size`, also the parallel layout and batch arithmetic."""
     for (section, key), options in _CHOICES.items():
@@ -392,7 +397,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.eval_generate decodes on one rank's full copy of the model, which needs "
                           "parallel.tensor=1 and parallel.pipeline=1; set train.eval_generate=0 and score the "
                           "export with launch/evaluate.py --generate")
-    distilled = [e.get("name") or e.get("path") for e in cfg.data.sources if isinstance(e, dict) and e.get("distill")]
+    distilled = distilled_sources(cfg)
     if distilled and (p.tensor > 1 or p.pipeline > 1):
         raise ConfigError(f"data source(s) {distilled} set distill: true, which scores them against a full copy of "
                           f"the starting model on each rank; set parallel.tensor=1 and parallel.pipeline=1 "

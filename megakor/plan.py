@@ -33,7 +33,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megakor.config import Config, ConfigError, validate, validate_model_layout
+from megakor.config import Config, ConfigError, distilled_sources, validate, validate_model_layout
 from megakor.model.args import PRESETS, ModelArgs, preset
 from megakor.model.layers import padded_vocab_size
 
@@ -381,12 +381,17 @@ def plan(cfg: Config, args: ModelArgs, nodes: int, gpus_per_node: int, gpu_memor
                                   f"{chunk:,} tokens × {vocab_rows:,} vocab rows × 4 B × 2", LOSS))
             rows.append(Component("LM-head gradients held by the loss", head_gradient_bytes(args, tp, tokens),
                                   "fp32 + bf16 head grad, bf16 d/d hidden", LOSS))
-        if any(isinstance(e, dict) and e.get("distill") for e in cfg.data.sources):  # validation keeps TP = PP = 1
+        if distilled_sources(cfg):  # validation keeps TP = PP = 1
             rows.append(Component("distillation teacher (the frozen start)", params * BF16,
                                   f"bf16 copy of all {params / 1e6:,.0f} M parameters on every rank (distill: true)",
                                   STATES))
-            rows.append(Component("teacher logits chunk", chunk * vocab_rows * 4 * 2,
-                                  f"{chunk:,} tokens × {vocab_rows:,} vocab rows × 4 B × 2 (logits, probabilities)", LOSS))
+            rows.append(Component("KL: fp32 copies of both heads", 2 * vocab_rows * args.hidden_size * 4,
+                                  f"2 × {vocab_rows:,} vocab rows × {args.hidden_size:,} × 4 B", LOSS))
+            rows.append(Component("KL: logits chunk", chunk * vocab_rows * 4 * 3,
+                                  f"{chunk:,} tokens × {vocab_rows:,} vocab rows × 4 B × 3 (both log-softmaxes, "
+                                  "probabilities)", LOSS))
+            rows.append(Component("LM-head gradients held by the KL", head_gradient_bytes(args, tp, tokens),
+                                  "as the cross-entropy's: fp32 + bf16 head grad, bf16 d/d hidden", LOSS))
         stages.append(StagePlan(stage, _describe(names), params, in_flight, rows))
 
     worst = max(stages, key=lambda s: s.total)

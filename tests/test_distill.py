@@ -43,6 +43,31 @@ def test_chunked_kl_and_its_gradients_equal_full_logits():
     assert abs(float(same)) < 1e-9  # a model against itself
 
 
+def test_bf16_kl_is_the_kl_of_the_bf16_weights_not_rounding_noise():
+    """A student a small step from its teacher, both in bf16 (the GPU's training dtype): the KL and its
+    gradient are those of the bf16 values computed exactly, not of bf16-rounded logits (logits near 20
+    round by ±0.06, more than the drift)."""
+    from megakor.model.layers import lm_head_distill_kl
+
+    torch.manual_seed(0)
+    N, D, V = 64, 64, 512
+    tw = (torch.randn(V, D) * 0.6).bfloat16()
+    th = (torch.randn(N, D) * 1.5).bfloat16()
+    w = (tw.double() + torch.randn(V, D, dtype=torch.float64) * 0.01).bfloat16().requires_grad_()
+    h = th.clone().requires_grad_()
+    mask = torch.ones(N, dtype=torch.bool)
+    got = lm_head_distill_kl(h, w, th, tw, mask, V, chunk_tokens=16)
+    got.backward()
+    h2, w2 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.kl_div((h2 @ w2.t()).log_softmax(-1), (th.double() @ tw.double().t()).log_softmax(-1), log_target=True,
+                   reduction="sum")
+    ref.backward()
+    assert (th.double() @ tw.double().t()).abs().max() > 10  # logits large enough for bf16 to round them coarsely
+    assert abs(float(got.detach()) - float(ref)) / float(ref) < 1e-3
+    rel = (w.grad.double() - w2.grad).norm() / w2.grad.norm()
+    assert rel < 2e-2, rel  # bf16 storage of the gradient itself: ~0.4% per element
+
+
 def test_model_loss_mixes_cross_entropy_and_kl_by_row(hf_checkpoints):
     from megakor.checkpoint.source import build_model
 
@@ -57,9 +82,9 @@ def test_model_loss_mixes_cross_entropy_and_kl_by_row(hf_checkpoints):
     ids = torch.randint(3, V, (B, T))
     labels = torch.randint(3, V, (B, T))
     labels[0, :2] = labels[2, 5:7] = -100
-    rows = torch.tensor([0, 2])
+    rows, others = torch.tensor([0, 2]), torch.tensor([1])
     t_hidden = teacher.hidden_states(ids[rows])
-    got = model(ids, labels=labels, reduction="sum", teacher=(rows, t_hidden, teacher.head_weight))
+    got = model(ids, labels=labels, reduction="sum", teacher=(rows, others, t_hidden, teacher.head_weight))
     logits, t_logits = model.logits(model.hidden_states(ids)), teacher.logits(t_hidden)
     ce = F.cross_entropy(logits[1], labels[1], ignore_index=-100, reduction="sum")
     kl = sum(F.kl_div(logits[r][labels[r] != -100].log_softmax(-1), t_logits[i][labels[r] != -100].log_softmax(-1),
@@ -67,7 +92,7 @@ def test_model_loss_mixes_cross_entropy_and_kl_by_row(hf_checkpoints):
     assert kl > 1e-3
     torch.testing.assert_close(got, ce + kl, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="summed"):
-        model(ids, labels=labels, reduction="mean", teacher=(rows, t_hidden, teacher.head_weight))
+        model(ids, labels=labels, reduction="mean", teacher=(rows, others, t_hidden, teacher.head_weight))
 
 
 def test_blend_flags_distilled_samples_and_plain_blends_carry_no_flag(tmp_path):

@@ -115,8 +115,14 @@ def test_a_distilled_source_adds_the_frozen_start_in_bf16_and_its_logits_chunk()
     (distilled,) = plan.plan(load_config(None, [*common, "data.sources=[{path: x}, {path: y, distill: true}]"]),
                              args, 1, 2).stages
     extra = {c.name: c.bytes for c in distilled.components}
-    assert distilled.total - plain.total == args.num_parameters() * 2 + extra["teacher logits chunk"]
-    assert extra["teacher logits chunk"] == 1024 * plan.padded_vocab_size(args.vocab_size, 1) * 8
+    rows = plan.padded_vocab_size(args.vocab_size, 1)
+    assert extra["distillation teacher (the frozen start)"] == args.num_parameters() * 2
+    assert extra["KL: fp32 copies of both heads"] == 2 * rows * args.hidden_size * 4
+    assert extra["KL: logits chunk"] == 1024 * rows * 4 * 3
+    assert extra["LM-head gradients held by the KL"] == plan.head_gradient_bytes(args, 1, 2 * 1024)
+    assert distilled.total - plain.total == sum(extra[k] for k in (
+        "distillation teacher (the frozen start)", "KL: fp32 copies of both heads", "KL: logits chunk",
+        "LM-head gradients held by the KL"))
 
 
 # ---- activations, by hand --------------------------------------------------------------------------

@@ -247,26 +247,31 @@ class _ChunkedLMHeadKL(torch.autograd.Function):
     (no gradient). As in `_ChunkedLMHeadCE`, one chunk of logits lives at a time and the student's
     gradients are computed in the forward pass: d KL / d logits = softmax(student) − softmax(teacher),
     cross-entropy's gradient with the teacher's distribution in place of the one-hot label.
+
+    Both heads' logits are computed in fp32, from fp32 copies of the heads and hidden states: the
+    student starts as the teacher and drifts from it by less than bf16's rounding of a logit (±0.06 at
+    20), so bf16 logits would make the KL and its gradient mostly rounding noise.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, mask, vocab_size, chunk_tokens):
         needs_grad = hidden.requires_grad or weight.requires_grad
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        # Padding rows (at or above vocab_size) are no word of either model: left out of both softmaxes.
+        w, tw = weight[:vocab_size].to(acc_dtype), teacher_weight[:vocab_size].to(acc_dtype)
         total = hidden.new_zeros((), dtype=acc_dtype)
         grad_hidden = torch.zeros_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if needs_grad else None
         for s in range(0, hidden.shape[0], chunk_tokens):
-            h, m = hidden[s:s + chunk_tokens], mask[s:s + chunk_tokens].to(acc_dtype).unsqueeze(1)
-            # Padding rows (at or above vocab_size) are no word of either model: left out of both softmaxes.
-            log_q = F.linear(h, weight[:vocab_size]).to(acc_dtype).log_softmax(-1)
-            log_p = F.linear(teacher_hidden[s:s + chunk_tokens], teacher_weight[:vocab_size]).to(acc_dtype).log_softmax(-1)
+            h, m = hidden[s:s + chunk_tokens].to(acc_dtype), mask[s:s + chunk_tokens].to(acc_dtype).unsqueeze(1)
+            log_q = F.linear(h, w).log_softmax(-1)
+            log_p = F.linear(teacher_hidden[s:s + chunk_tokens].to(acc_dtype), tw).log_softmax(-1)
             p = log_p.exp()
             total += (p * (log_p - log_q) * m).sum()
             if needs_grad:
-                g = (log_q.exp_().sub_(p)).mul_(m).to(hidden.dtype)  # in place: log_q's buffer becomes the gradient
-                grad_hidden[s:s + chunk_tokens] = g @ weight[:vocab_size]
-                grad_weight[:vocab_size] += (g.t() @ h).to(acc_dtype)
+                g = log_q.exp_().sub_(p).mul_(m)  # in place: log_q's buffer becomes the gradient
+                grad_hidden[s:s + chunk_tokens] = (g @ w).to(hidden.dtype)
+                grad_weight[:vocab_size] += g.t() @ h
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total

@@ -183,13 +183,13 @@ class Llama(nn.Module):
     def distill_loss(self, hidden: torch.Tensor, labels: torch.Tensor, teacher) -> torch.Tensor:
         """Summed loss of a micro-batch some of whose rows are scored against a teacher: cross-entropy on
         the labelled tokens of the other rows, KL(teacher ‖ model) on the labelled tokens of those rows.
-        `teacher` is (rows [b] int64 indices into the batch, the teacher's final hidden states of those
-        rows [b, T, D], the teacher's head weight)."""
-        rows, teacher_hidden, teacher_head = teacher
+        `teacher` is (the distilled rows' indices [b] int64, the other rows' indices, the teacher's final
+        hidden states of the distilled rows [b, T, D], the teacher's head weight)."""
+        rows, others, teacher_hidden, teacher_head = teacher
         if self.tp_group is not None and dist.get_world_size(self.tp_group) > 1:
             raise ValueError("distillation needs the whole LM head on one rank (parallel.tensor=1)")
         D = hidden.shape[-1]
-        ce = self.loss(hidden, labels.index_fill(0, rows, -100), reduction="sum")
+        ce = self.loss(hidden.index_select(0, others), labels.index_select(0, others), reduction="sum")
         kl = lm_head_distill_kl(hidden.index_select(0, rows).reshape(-1, D), self._head(), teacher_hidden.reshape(-1, D),
                                 teacher_head, labels.index_select(0, rows).reshape(-1) != -100, self.args.vocab_size,
                                 self.loss_chunk_tokens)

@@ -33,7 +33,7 @@ import torch
 
 from megakor.checkpoint.hf import HFCheckpoint, key_map, layer_index, load_state_dict, tp_split_kind
 from megakor.checkpoint.source import resolve_model_source
-from megakor.config import Config, ConfigError, layer_range
+from megakor.config import Config, ConfigError, distilled_sources, layer_range
 from megakor.model.args import PRESETS, ModelArgs, to_hf_config
 from megakor.model.attention import rope_inv_freq
 from megakor.model.llama import Llama
@@ -410,11 +410,6 @@ def build_model(cfg: Config, ps, ds_config: dict, dtype: torch.dtype, device: to
         # register it with the top module so ZeRO-3 gathers it for the whole forward and backward.
         deepspeed.zero.register_external_parameter(model, model.head_weight)
     return model
-
-
-def distilled_sources(cfg: Config) -> list[str]:
-    """Names (or paths) of the training sources scored against the starting model (`distill: true`)."""
-    return [e.get("name") or str(e.get("path")) for e in cfg.data.sources if isinstance(e, dict) and e.get("distill")]
 
 
 def build_teacher(cfg: Config, ps, dtype: torch.dtype, device: torch.device) -> Llama | None:

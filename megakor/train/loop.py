@@ -211,21 +211,32 @@ def document_square_sum(batch: dict) -> int:
     return int((lengths * lengths).sum())
 
 
-def teacher_inputs(teacher, host: dict, device) -> tuple | None:
-    """For a micro-batch with distilled rows (its host-side `distill` flags): (row indices, the teacher's
-    final hidden states of those rows, the teacher's head) for the model's forward; None without such
-    rows. Only the distilled rows go through the teacher; the flags are read on the host (no sync)."""
+def teacher_inputs(teacher, host: dict, device, batch: dict | None = None) -> tuple | None:
+    """For a micro-batch with distilled rows: (their row indices, the other rows' indices, the teacher's
+    final hidden states of the distilled rows, the teacher's head) for the model's forward; None without
+    such rows. `host` is the batch on the host (its `distill` flags decide, read there: no device sync),
+    `batch` the same batch on `device` (default: `host`). Only the distilled rows go through the teacher;
+    the small index tensors reach the device from pinned memory without blocking."""
     if teacher is None or "distill" not in host or not bool(host["distill"].any()):
         return None
     from megakor.model.attention import cu_seqlens_from_positions
 
-    rows = host["distill"].nonzero().flatten()
-    positions = host["position_ids"].index_select(0, rows)
-    cu_seqlens, max_seqlen = cu_seqlens_from_positions(positions)
+    batch = host if batch is None else batch
+    flags = host["distill"].bool()
+    rows, others = flags.nonzero().flatten(), (~flags).nonzero().flatten()
+    cu_seqlens, max_seqlen = cu_seqlens_from_positions(host["position_ids"].index_select(0, rows))
+
+    def send(t: torch.Tensor) -> torch.Tensor:
+        if torch.device(device).type != "cuda":
+            return t.to(device)
+        return t.pin_memory().to(device, non_blocking=True)
+
+    rows_d, others_d = send(rows), send(others)
     with torch.no_grad():
-        hidden = teacher.hidden_states(host["input_ids"].index_select(0, rows).to(device), positions.to(device),
-                                       cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
-    return rows.to(device), hidden, teacher.head_weight
+        hidden = teacher.hidden_states(batch["input_ids"].index_select(0, rows_d),
+                                       batch["position_ids"].index_select(0, rows_d),
+                                       cu_seqlens=send(cu_seqlens), max_seqlen=max_seqlen)
+    return rows_d, others_d, hidden, teacher.head_weight
 
 
 def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lambda: False,
@@ -268,7 +279,7 @@ def train_step(engine, micro_batches: list[dict], ps, device, stop_requested=lam
     for i, host in enumerate(micro_batches):
         b = to_device(host, device)
         extra = {}
-        distill = teacher_inputs(teacher, host, device)
+        distill = teacher_inputs(teacher, host, device, b)
         if distill is not None:
             extra["teacher"] = distill
         nll = engine(b["input_ids"], b["position_ids"], b["labels"], reduction="sum", cu_seqlens=b["cu_seqlens"],
@@ -311,7 +322,8 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, args, stop: faults.StopSignals) -> dict:
     from megakor.tokenizer import load_tokenizer
-    from megakor.train.engine import build_engine, build_teacher, distilled_sources
+    from megakor.config import distilled_sources
+    from megakor.train.engine import build_engine, build_teacher
 
     rank, world_size, device = init_distributed(timeout_seconds=cfg.parallel.timeout_seconds)
     ps = build_parallel_state(cfg.parallel.tensor, cfg.parallel.pipeline)
