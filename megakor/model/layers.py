@@ -274,14 +274,11 @@ class _ChunkedLMHeadKL(torch.autograd.Function):
                 grad_weight[:vocab_size] += g.t() @ h
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.group = None  # the whole head on this rank: no partial d/d hidden to sum
         return total
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden.mul_(grad_out)
-        grad_weight.mul_(grad_out)
-        return grad_hidden, grad_weight, None, None, None, None, None
+    # The gradients were computed in the forward: scale them, as the cross-entropy does.
+    backward = staticmethod(_ChunkedLMHeadCE.backward)
 
 
 def lm_head_distill_kl(hidden, weight, teacher_hidden, teacher_weight, mask, vocab_size: int,
