@@ -397,6 +397,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.eval_generate decodes on one rank's full copy of the model, which needs "
                           "parallel.tensor=1 and parallel.pipeline=1; set train.eval_generate=0 and score the "
                           "export with launch/evaluate.py --generate")
+    evaluated = [e.get("name") or str(e.get("path")) for e in cfg.data.eval if isinstance(e, dict) and e.get("distill")]
+    if evaluated:
+        raise ConfigError(f"data.eval source(s) {evaluated} set distill: true, which only training sources use "
+                          "(evaluation always scores cross-entropy on the text); remove distill from data.eval")
     distilled = distilled_sources(cfg)
     if distilled and (p.tensor > 1 or p.pipeline > 1):
         raise ConfigError(f"data source(s) {distilled} set distill: true, which scores them against a full copy of "

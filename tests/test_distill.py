@@ -117,6 +117,12 @@ def test_distillation_with_tensor_or_pipeline_parallelism_is_refused_in_one_sent
             load_config(CONFIG, ["data.sources=[{path: x}, {path: y, name: replay, distill: true}]", layout,
                                  "parallel.zero_stage=1"])
     load_config(CONFIG, ["data.sources=[{path: x}, {path: y, name: replay, distill: true}]"])  # TP = PP = 1 is fine
+    with pytest.raises(ConfigError, match=r"data.eval source\(s\) \['held'\] set distill: true.*remove distill"):
+        load_config(CONFIG, ["data.sources=[{path: x}]", "data.eval=[{path: y, name: held, distill: true}]"])
+    from megakor.data.blend import SourceSpec
+
+    with pytest.raises(ValueError, match="data source replay: distill='yes'; write true or false"):
+        SourceSpec.from_dict({"path": "y", "name": "replay", "distill": "yes"})
 
 
 @pytest.fixture(scope="module")

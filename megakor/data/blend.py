@@ -91,6 +91,8 @@ class SourceSpec:
         if self.format not in ("text", "chat") or self.overlong not in ("truncate", "drop"):
             raise ValueError(f"data source {self.name}: format={self.format!r}, overlong={self.overlong!r}; "
                              "use format text or chat, overlong truncate or drop")
+        if not isinstance(self.distill, bool):
+            raise ValueError(f"data source {self.name}: distill={self.distill!r}; write true or false")
         self.clean_config()  # validates the overrides now, not after an hour of preprocessing
 
     @classmethod
