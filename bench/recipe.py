@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -232,7 +233,25 @@ def table(results: dict) -> str:
         lines.append(f"{name:26}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
                      + "".join(f"{a[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
                      + f"{a['chat_bits_per_char_ratio']:>7.3f}{a['probes_kept']:>4}/{a['probes_base_right']:<3}" + ratios)
+    for name, runs in seed_groups(arms).items():
+        med = {k: statistics.median(r[k] for r in runs) for k in
+               [f"{s}_bits_per_char" for s in SPLITS] + ["chat_bits_per_char_ratio", "probes_kept"]}
+        plain_med = seed_groups(arms).get(BASELINE)
+        ratios = "".join(f"{med[f'{k}_bits_per_char'] / statistics.median(r[f'{k}_bits_per_char'] for r in plain_med):>{w}.3f}"
+                         if plain_med else f"{'-':>{w}}" for k, w in (("ko", 9), ("ko2", 10)))
+        lines.append(f"{name + f' median of {len(runs)}':26}{runs[0]['train_tokens']:>8}{runs[0]['train_flops'] / 1e15:>8.3f}"
+                     + "".join(f"{med[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
+                     + f"{med['chat_bits_per_char_ratio']:>7.3f}{med['probes_kept']:>4g}/{runs[0]['probes_base_right']:<3}"
+                     + ratios)
     return "\n".join(lines)
+
+
+def seed_groups(arms: dict) -> dict[str, list[dict]]:
+    """Arms trained at more than one seed: recipe name -> its runs (the run config's seed and every <arm>@seed<N>)."""
+    groups: dict[str, list[dict]] = {}
+    for name, a in arms.items():
+        groups.setdefault(name.split("@seed")[0], []).append(a)
+    return {name: runs for name, runs in groups.items() if len(runs) > 1 and name in arms}
 
 
 def plot(results: dict, folder: Path) -> list[Path]:
@@ -248,6 +267,8 @@ def plot(results: dict, folder: Path) -> list[Path]:
     for split in SPLITS:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, a in results["arms"].items():
+            if "@seed" in name:  # the curves show each recipe once, at the run config's seed
+                continue
             trained = [p for p in a["curve"] if not p.get("merged")]
             line, = ax.plot([p["tokens"] for p in trained], [p[split] for p in trained], marker="o", markersize=3,
                             label=name + (" (= default)" if name == DEFAULT_ARM else ""),
@@ -270,6 +291,24 @@ def plot(results: dict, folder: Path) -> list[Path]:
     return paths
 
 
+def seeded_config(ctx: dict, seed: int | None, work: Path) -> str:
+    """Point ctx at a copy of the run config with train.seed = `seed` (the blend's document order and
+    sampling); returns the arm-name suffix, "" at the run config's own seed."""
+    import yaml
+
+    from megakor.config import load_config
+
+    if seed is None or seed == load_config(ctx["config"]).train.seed:
+        return ""
+    data = yaml.safe_load(Path(ctx["config"]).read_text())
+    data.setdefault("train", {})["seed"] = seed
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{Path(ctx['config']).stem}.seed{seed}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    ctx["config"] = str(path)
+    return f"@seed{seed}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=None, help="comma-separated recipe names under configs/recipes/ (default: all)")
@@ -282,6 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--curve-chars", type=int, default=2500,
                     help="characters of each split scored at the points of the curves (the final figures use --eval-chars)")
     ap.add_argument("--config", default=str(REPO / "configs/runs/smollm2_korean_cpu.yaml"), help="run config (batches, schedule)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the data order's seed (default: the run config's train.seed); arms trained at another "
+                         "seed are kept as <arm>@seed<N>, and the table adds each arm's median over its seeds")
     ap.add_argument("--rerun", action="store_true", help="train arms again even if results.json has them")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
@@ -319,12 +361,14 @@ def main(argv=None) -> int:
             results["base"] = base_figures(ctx)
             results_path.write_text(json.dumps(results, indent=1))
         ctx["base_chat_bpc"] = results["base"]["chat_bits_per_char"]
-        for name in names:
+        suffix = seeded_config(ctx, a.seed, out / "work")
+        for recipe_name in names:
+            name = recipe_name + suffix
             if name in results["arms"] and not a.rerun:
                 print(f"{name}: in {results_path} already (--rerun to train again)")
                 continue
-            print(f"{name}: {recipes[name].description} (load {os.getloadavg()[0]:.1f})", flush=True)
-            results["arms"][name] = run_arm(name, recipes[name], ctx, a.eval_every)
+            print(f"{name}: {recipes[recipe_name].description} (load {os.getloadavg()[0]:.1f})", flush=True)
+            results["arms"][name] = run_arm(name, recipes[recipe_name], ctx, a.eval_every)
             # Re-read before writing: another invocation may have added arms meanwhile.
             merged = json.loads(results_path.read_text()) if results_path.exists() else {"arms": {}}
             if merged.get("settings") == results["settings"]:

@@ -50,6 +50,7 @@ class Recipe:
     merge_keep: float = 1.0  # after the last stage: start + merge_keep x (trained - start) (WiSE-FT); 1 = no merge
     frozen_layers: str = ""  # stage 2: decoder layers whose weights stay the base's, "first-last" (e.g. "8-21")
     distill_replay: bool = False  # replay (English prose, chat answers) scored by KL against the stage's start, not CE
+    distill_english: bool = True  # with distill_replay: false keeps the English prose as text (CE), only the chat distilled
 
     def frozen_layer_range(self) -> range:
         """The decoder layers `frozen_layers` names (empty when it is "")."""
@@ -79,8 +80,13 @@ class Recipe:
         if not (0 <= self.english_share and 0 <= self.chat_share and self.english_share + self.chat_share < 1):
             raise ValueError(f"english_share={self.english_share} + chat_share={self.chat_share} must be in [0, 1) "
                              "so that Korean keeps a share")
-        if not isinstance(self.distill_replay, bool):
-            raise ValueError(f"distill_replay={self.distill_replay!r}; write true or false")
+        for name in ("distill_replay", "distill_english"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; write true or false")
+        if not self.distill_english and not (self.distill_replay and self.chat_share):
+            raise ValueError("distill_english: false keeps English prose as text while the chat replay is distilled, "
+                             "but this recipe distills no chat replay; set distill_replay: true with a chat_share, "
+                             "or remove distill_english")
         if self.distill_replay and not (self.english_share or self.chat_share):
             raise ValueError("distill_replay scores the replay sources, but english_share and chat_share are 0; "
                              "give the replay a share or set distill_replay: false")
@@ -121,6 +127,7 @@ class DefaultJob:
     merge_keep: float | None = None
     frozen_layers: str | None = None
     distill_replay: bool | None = None
+    distill_english: bool | None = None
     eval_chars: int = 12000  # characters of each held-out split scored (bounded for a 2-core CPU; as bench/recipe.py)
     eval_seq_len: int = 512  # chunk length of the evaluation protocol
     ranks: int = 2  # DeepSpeed processes (ZeRO-3 data parallel)
@@ -149,7 +156,8 @@ def recipe_sources(recipe: Recipe, corpora: dict, chat_replay: Path | None) -> l
                         "clean": False, "dedup": False})
     if recipe.distill_replay:  # the replay keeps the start's next-token distributions, not just its text
         for s in sources[1:]:
-            s["distill"] = True
+            if s["name"] == "chat" or recipe.distill_english:
+                s["distill"] = True
     return sources
 
 
@@ -330,7 +338,8 @@ def run(job: DefaultJob) -> dict:
         stage(f"stage 2: all weights" + (f" but decoder layers {recipe.frozen_layers}" if recipe.frozen_layers else "")
               + f", {recipe.stage2_steps} steps at lr {recipe.stage2_lr}, replay: English prose "
               f"{recipe.english_share:.0%}, the base's chat answers {recipe.chat_share:.0%}"
-              + (", scored by KL against the stage's start (distill_replay)" if recipe.distill_replay else ""))
+              + ("" if not recipe.distill_replay else ", both scored by KL against the stage's start (distill_replay)"
+                 if recipe.distill_english else ", the chat answers scored by KL against the stage's start (distill_replay)"))
         current, tb2 = _train_stage(job, "stage2", current, sources, recipe.stage2_steps, recipe.stage2_lr, "none",
                                     recipe.frozen_layers)
     final = out / "hf"

@@ -48,6 +48,12 @@ def test_mistakes_are_named(tmp_path):
         Recipe(init="zeros")
     with pytest.raises(ValueError, match="distill_replay scores the replay sources, but english_share and chat_share are 0"):
         Recipe(distill_replay=True, english_share=0, chat_share=0)
+    with pytest.raises(ValueError, match="this recipe distills no chat replay"):
+        Recipe(distill_english=False)  # distill_replay is off: nothing would be distilled
+    with pytest.raises(ValueError, match="this recipe distills no chat replay"):
+        Recipe(distill_replay=True, distill_english=False, chat_share=0)
+    with pytest.raises(ValueError, match="distill_english='no'; write true or false"):
+        Recipe(distill_replay=True, distill_english="no")
 
 
 def test_distill_replay_marks_only_the_replay_sources():
@@ -55,3 +61,47 @@ def test_distill_replay_marks_only_the_replay_sources():
     assert {s["name"]: s.get("distill", False) for s in sources} == {"ko": False, "en": True, "chat": True}
     plain = recipe_sources(load_recipe("plain"), {"ko.train": "ko.jsonl", "en.train": "en.jsonl"}, "chat.jsonl")
     assert not any(s.get("distill") for s in plain)
+
+
+def test_distill_english_false_keeps_the_english_prose_as_text():
+    corpora = {"ko.train": "ko.jsonl", "en.train": "en.jsonl"}
+    sources = recipe_sources(load_recipe("distill_chat_lr_1.5e-4"), corpora, "chat.jsonl")
+    assert {s["name"]: s.get("distill", False) for s in sources} == {"ko": False, "en": False, "chat": True}
+    from megakor.config import parse_job_arguments
+
+    job = parse_job_arguments(DefaultJob, ["--recipe", "distill_replay", "--distill-english", "false"], "")
+    assert job.resolved_recipe() == Recipe(**{**load_recipe("distill_replay").__dict__, "distill_english": False})
+    sources = recipe_sources(job.resolved_recipe(), corpora, "chat.jsonl")
+    assert [s["name"] for s in sources if s.get("distill")] == ["chat"]
+
+
+def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled(tmp_path):
+    """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
+    median row per recipe whose ratio is against plain CPT's median."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("bench_recipe", RECIPES.parents[1] / "bench" / "recipe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = str(RECIPES.parents[1] / "configs" / "runs" / "smollm2_korean_cpu.yaml")
+    own_seed = yaml.safe_load(open(config))["train"]["seed"]
+    ctx = {"config": config}
+    assert bench.seeded_config(ctx, own_seed, tmp_path) == "" and ctx["config"] == config
+    assert bench.seeded_config(ctx, 7, tmp_path) == "@seed7"
+    copied = yaml.safe_load(open(ctx["config"]))
+    assert copied["train"]["seed"] == 7 and copied["train"]["steps"] == yaml.safe_load(open(config))["train"]["steps"]
+
+    def arm(ko, ko2, probes):
+        return {"train_tokens": 51200, "train_flops": 4.4e13, "ko_bits_per_char": ko, "ko2_bits_per_char": ko2,
+                "en_bits_per_char": 0.95, "chat_bits_per_char_ratio": 1.0, "probes_kept": probes, "probes_base_right": 58}
+
+    results = {"base": {"ko_bits_per_char": 3.9, "ko2_bits_per_char": 3.7, "en_bits_per_char": 1.0},
+               "arms": {"plain": arm(3.0, 3.0, 50), "plain@seed2": arm(3.3, 3.1, 51), "plain@seed3": arm(3.1, 2.9, 49),
+                        "x": arm(2.8, 3.2, 55), "x@seed2": arm(3.2, 2.7, 54), "x@seed3": arm(2.9, 3.0, 56),
+                        "single": arm(3.5, 3.5, 40)}}
+    rows = {line[:26].strip(): line.split() for line in bench.table(results).splitlines()}
+    assert "single median of 1" not in rows and "plain median of 3" in rows
+    # x's medians: ko 2.9, ko2 3.0, probes 55; plain's: ko 3.1, ko2 3.0 -> ratios 2.9/3.1 and 3.0/3.0
+    assert rows["x median of 3"][-6:] == ["3.000", "0.950", "1.000", "55/58", f"{2.9 / 3.1:.3f}", "1.000"]
