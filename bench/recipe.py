@@ -18,10 +18,13 @@ step is reproduced exactly: loss summed over the global batch's labelled tokens,
 
     python bench/recipe.py                                  # every recipe under configs/recipes/
     python bench/recipe.py --arms plain,default --out runs/bench/recipe
+    python bench/recipe.py --arms plain,default --seed 2   # the same arms at another data order (plain@seed2, ...)
     python bench/recipe.py --plot-only                     # redraw the PNGs and the table from results.json
 
 Each arm's final export is kept at OUT/<arm>/hf (transformers loads it); the figures accumulate in
-OUT/results.json (arms already there are skipped unless --rerun), the curves in bench/results/.
+OUT/results.json (arms already there are skipped unless --rerun), the curves in bench/results/. A recipe
+run at several seeds (the blend's document order and sampling) gets a median row in the table, its
+ratios taken against plain CPT's median: one seed's difference of half a percent can be the data order.
 """
 
 from __future__ import annotations
