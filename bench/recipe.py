@@ -225,12 +225,12 @@ def base_figures(ctx: dict) -> dict:
 
 def table(results: dict) -> str:
     base, arms = results["base"], results["arms"]
-    plain = arms.get(BASELINE)
     head = (f"{'arm':26}{'tokens':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
             f"{'ko/plain':>9}{'ko2/plain':>10}")
     lines = [head, f"{'base (untrained)':26}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
              + f"{1.0:>7.3f}{'-':>8}"]
     for name, a in arms.items():
+        plain = arms.get(BASELINE + name[len(name.split("@seed")[0]):])  # plain CPT at the same seed (paired)
         ratios = "".join(f"{a[f'{k}_bits_per_char'] / plain[f'{k}_bits_per_char']:>{w}.3f}" if plain else f"{'-':>{w}}"
                          for k, w in (("ko", 9), ("ko2", 10)))
         lines.append(f"{name:26}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
@@ -238,13 +238,14 @@ def table(results: dict) -> str:
                      + f"{a['chat_bits_per_char_ratio']:>7.3f}{a['probes_kept']:>4}/{a['probes_base_right']:<3}" + ratios)
     for name, runs in seed_groups(arms).items():
         med = {k: statistics.median(r[k] for r in runs) for k in
-               [f"{s}_bits_per_char" for s in SPLITS] + ["chat_bits_per_char_ratio", "probes_kept"]}
+               [f"{s}_bits_per_char" for s in SPLITS] + ["chat_bits_per_char_ratio"]}
+        med["probes_kept"] = statistics.median_low(r["probes_kept"] for r in runs)  # a count some run kept
         plain_med = seed_groups(arms).get(BASELINE)
         ratios = "".join(f"{med[f'{k}_bits_per_char'] / statistics.median(r[f'{k}_bits_per_char'] for r in plain_med):>{w}.3f}"
                          if plain_med else f"{'-':>{w}}" for k, w in (("ko", 9), ("ko2", 10)))
         lines.append(f"{name + f' median of {len(runs)}':26}{runs[0]['train_tokens']:>8}{runs[0]['train_flops'] / 1e15:>8.3f}"
                      + "".join(f"{med[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
-                     + f"{med['chat_bits_per_char_ratio']:>7.3f}{med['probes_kept']:>4g}/{runs[0]['probes_base_right']:<3}"
+                     + f"{med['chat_bits_per_char_ratio']:>7.3f}{med['probes_kept']:>4}/{runs[0]['probes_base_right']:<3}"
                      + ratios)
     return "\n".join(lines)
 

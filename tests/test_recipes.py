@@ -103,5 +103,7 @@ def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled(tmp_path):
                         "single": arm(3.5, 3.5, 40)}}
     rows = {line[:26].strip(): line.split() for line in bench.table(results).splitlines()}
     assert "single median of 1" not in rows and "plain median of 3" in rows
+    assert rows["x@seed2"][-2:] == [f"{3.2 / 3.3:.3f}", f"{2.7 / 3.1:.3f}"]  # against plain at the same seed
+    assert rows["single"][-2:] == [f"{3.5 / 3.0:.3f}", f"{3.5 / 3.0:.3f}"]
     # x's medians: ko 2.9, ko2 3.0, probes 55; plain's: ko 3.1, ko2 3.0 -> ratios 2.9/3.1 and 3.0/3.0
     assert rows["x median of 3"][-6:] == ["3.000", "0.950", "1.000", "55/58", f"{2.9 / 3.1:.3f}", "1.000"]
