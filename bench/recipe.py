@@ -47,7 +47,7 @@ from megakor.default_job import Recipe, load_recipe, prepare_start, recipe_sourc
 
 SPLITS = ("ko", "ko2", "en")
 BASELINE = "plain"
-DEFAULT_ARM = "distill_replay"  # the arm whose settings configs/recipes/default.yaml holds
+DEFAULT_ARM = "distill_replay_lr_1.5e-4"  # the arm whose settings configs/recipes/default.yaml holds
 
 
 def held_out_splits(cache, eval_chars: int) -> dict[str, list[str]]:
