@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,14 +162,17 @@ def test_resume_under_zero3_is_bitwise_identical(work, jobs):
     # Fresh processes, started by the deepspeed launcher (which passes --local_rank=N).
     env = {k: v for k, v in rank_env(0, 1, 0).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                      "MASTER_PORT")}
+    port = free_port()
     r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                        str(free_port()), "launch/train.py", "--config", CONFIG,
+                        str(port), "launch/train.py", "--config", CONFIG,
                         *run_overrides(work, "dp2", "resume")[:-3], "train.steps=6", f"checkpoint.dir={resumed / 'ck'}",
                         f"logging.tensorboard_dir={resumed / 'tb2'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     out = r.stdout
     assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
     assert f"resumed from {resumed / 'ck' / 'global_step3'} at step 3" in out
+    # DeepSpeed's CPU shared-memory allreduce buffers (66 MB of RAM per rank) are not left in /dev/shm
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
     for tag in ("train/loss", "train/grad_norm"):
         full, second = scalars(work, "dp2", "parity", tag), read_scalars(resumed / "tb2", tag)
         assert sorted(second) == [4, 5, 6]
