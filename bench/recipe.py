@@ -226,7 +226,7 @@ def base_figures(ctx: dict) -> dict:
 
 def table(results: dict) -> str:
     base, arms = results["base"], results["arms"]
-    width = max([26] + [len(n) + 2 for n in arms] + [len(n) + 14 for n in seed_groups(arms)])
+    width = max([26] + [len(n) + 2 for n in arms] + [len(f"{n} median of {len(r)}") + 2 for n, r in seed_groups(arms).items()])
     head = (f"{'arm':{width}}{'tokens':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
             f"{'ko/plain':>9}{'ko2/plain':>10}")
     lines = [head, f"{'base (untrained)':{width}}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
@@ -256,8 +256,8 @@ def table(results: dict) -> str:
 
 
 def seed_groups(arms: dict) -> dict[str, dict[str, dict]]:
-    """Arms trained at more than one seed: recipe name -> {seed suffix ("" for the run config's seed,
-    "@seed<N>"): figures}."""
+    """Recipes trained at the run config's seed and at least one other: recipe name -> {seed suffix ("" for
+    the run config's seed, "@seed<N>"): figures}. A recipe never run at the run config's seed gets no group."""
     groups: dict[str, dict[str, dict]] = {}
     for name, a in arms.items():
         recipe = name.split("@seed")[0]

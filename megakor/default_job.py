@@ -50,7 +50,7 @@ class Recipe:
     merge_keep: float = 1.0  # after the last stage: start + merge_keep x (trained - start) (WiSE-FT); 1 = no merge
     frozen_layers: str = ""  # stage 2: decoder layers whose weights stay the base's, "first-last" (e.g. "8-21")
     distill_replay: bool = False  # replay (English prose, chat answers) scored by KL against the stage's start, not CE
-    distill_english: bool = True  # with distill_replay: false keeps the English prose as text (CE), only the chat distilled
+    distill_english: bool = True  # false (with distill_replay): English prose stays text (CE), only the chat is distilled
 
     def frozen_layer_range(self) -> range:
         """The decoder layers `frozen_layers` names (empty when it is "")."""
@@ -328,6 +328,7 @@ def run(job: DefaultJob) -> dict:
         untrained = before
 
     sources = recipe_sources(recipe, corpora, chat_replay)
+    distilled = [s["name"] for s in sources if s.get("distill")]
     current, tb1, tb2 = start, {}, {}
     if recipe.stage1_steps:
         stage(f"stage 1: new rows only, {recipe.stage1_steps} steps at lr {recipe.stage1_lr} "
@@ -335,11 +336,10 @@ def run(job: DefaultJob) -> dict:
         current, tb1 = _train_stage(job, "stage1", current, sources, recipe.stage1_steps, recipe.stage1_lr,
                                     "new_embeddings_only")
     if recipe.stage2_steps:
-        stage(f"stage 2: all weights" + (f" but decoder layers {recipe.frozen_layers}" if recipe.frozen_layers else "")
+        stage("stage 2: all weights" + (f" but decoder layers {recipe.frozen_layers}" if recipe.frozen_layers else "")
               + f", {recipe.stage2_steps} steps at lr {recipe.stage2_lr}, replay: English prose "
               f"{recipe.english_share:.0%}, the base's chat answers {recipe.chat_share:.0%}"
-              + ("" if not recipe.distill_replay else ", both scored by KL against the stage's start (distill_replay)"
-                 if recipe.distill_english else ", the chat answers scored by KL against the stage's start (distill_replay)"))
+              + (f", {' and '.join(distilled)} scored by KL against the stage's start (distill_replay)" if distilled else ""))
         current, tb2 = _train_stage(job, "stage2", current, sources, recipe.stage2_steps, recipe.stage2_lr, "none",
                                     recipe.frozen_layers)
     final = out / "hf"

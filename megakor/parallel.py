@@ -250,24 +250,27 @@ def init_distributed(environ=os.environ, timeout_seconds: int | None = None) -> 
         kwargs = {"timeout": datetime.timedelta(seconds=timeout_seconds)} if timeout_seconds else {}
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False, **kwargs)
-        if device.type == "cpu" and dist.get_world_size() > 1:
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() == "cpu" and dist.get_world_size() > 1:
             release_cpu_shm_name(environ)
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def release_cpu_shm_name(environ=os.environ) -> None:
     """DeepSpeed's CPU accelerator maps one shared-memory allreduce buffer per rank,
-    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (66 MB), and never
-    unlinks it: every multi-rank CPU run left them behind, in RAM, until reboot. Once every rank has
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (66 MiB), and never
+    unlinks it: every single-node run from the deepspeed launcher (which sets LOCAL_SIZE) left them
+    behind, in RAM, until reboot. Once every rank has
     mapped every buffer (init_distributed maps them before it returns; the barrier says all ranks are
     past it) the names are no longer needed: each rank unlinks its own, and the memory is freed when
     the last rank unmaps it at exit, however the run ends."""
     dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR')}_"
-            f"{environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
+            f"{environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     try:
         os.unlink(name)
-    except FileNotFoundError:  # no shm allreduce (ranks on several hosts, or a DeepSpeed without it)
+    except FileNotFoundError:  # no shm allreduce: LOCAL_SIZE unset or not the world (torchrun, mpirun, srun, several hosts)
         pass
 
 

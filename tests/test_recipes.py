@@ -77,7 +77,7 @@ def test_distill_english_false_keeps_the_english_prose_as_text():
 
 def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled(tmp_path):
     """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
-    median row per recipe whose ratio is against plain CPT's median."""
+    median row per recipe whose ratios are the median over seeds of arm / plain CPT at the same seed."""
     import importlib.util
 
     import yaml
