@@ -139,7 +139,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     from megakor.tokenizer import load_tokenizer
 
     out, t0 = ctx["out"], time.time()
-    cfg = load_config(ctx["config"])
+    cfg = load_config(ctx["config"], ctx.get("overrides"))
     tok_dir, start = prepare_start(recipe, ctx["base"], ctx["corpora"]["ko.train"], out / "work")
     tokenizer = load_tokenizer(tok_dir)
     sources = recipe_sources(recipe, ctx["corpora"], ctx["chat_replay"])
@@ -232,7 +232,7 @@ def table(results: dict) -> str:
     lines = [head, f"{'base (untrained)':{width}}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
              + f"{1.0:>7.3f}{'-':>8}"]
     for name, a in arms.items():
-        plain = arms.get(BASELINE + name[len(name.split("@seed")[0]):])  # plain CPT at the same seed (paired)
+        plain = arms.get(BASELINE + seed_suffix(name))  # plain CPT at the same seed (paired)
         ratios = "".join(f"{a[f'{k}_bits_per_char'] / plain[f'{k}_bits_per_char']:>{w}.3f}" if plain else f"{'-':>{w}}"
                          for k, w in (("ko", 9), ("ko2", 10)))
         lines.append(f"{name:{width}}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
@@ -260,8 +260,8 @@ def seed_groups(arms: dict) -> dict[str, dict[str, dict]]:
     the run config's seed, "@seed<N>"): figures}. A recipe never run at the run config's seed gets no group."""
     groups: dict[str, dict[str, dict]] = {}
     for name, a in arms.items():
-        recipe = name.split("@seed")[0]
-        groups.setdefault(recipe, {})[name[len(recipe):]] = a
+        seed = seed_suffix(name)
+        groups.setdefault(name[:len(name) - len(seed)], {})[seed] = a
     return {name: runs for name, runs in groups.items() if len(runs) > 1 and name in arms}
 
 
@@ -278,7 +278,7 @@ def plot(results: dict, folder: Path) -> list[Path]:
     for split in SPLITS:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, a in results["arms"].items():
-            if "@seed" in name:  # the curves show each recipe once, at the run config's seed
+            if seed_suffix(name):  # the curves show each recipe once, at the run config's seed
                 continue
             trained = [p for p in a["curve"] if not p.get("merged")]
             line, = ax.plot([p["tokens"] for p in trained], [p[split] for p in trained], marker="o", markersize=3,
@@ -302,22 +302,20 @@ def plot(results: dict, folder: Path) -> list[Path]:
     return paths
 
 
-def seeded_config(ctx: dict, seed: int | None, work: Path) -> str:
-    """Point ctx at a copy of the run config with train.seed = `seed` (the blend's document order and
-    sampling); returns the arm-name suffix, "" at the run config's own seed."""
-    import yaml
-
+def seeded_config(ctx: dict, seed: int | None) -> str:
+    """Train ctx's arms at train.seed = `seed` (the blend's document order and sampling), as a config
+    override; returns the arm-name suffix, "" at the run config's own seed."""
     from megakor.config import load_config
 
     if seed is None or seed == load_config(ctx["config"]).train.seed:
         return ""
-    data = yaml.safe_load(Path(ctx["config"]).read_text())
-    data.setdefault("train", {})["seed"] = seed
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"{Path(ctx['config']).stem}.seed{seed}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    ctx["config"] = str(path)
+    ctx["overrides"] = [f"train.seed={seed}"]
     return f"@seed{seed}"
+
+
+def seed_suffix(name: str) -> str:
+    """"@seed<N>" of an arm trained at another seed, "" for one at the run config's seed."""
+    return name[len(name.split("@seed")[0]):]
 
 
 def main(argv=None) -> int:
@@ -372,7 +370,7 @@ def main(argv=None) -> int:
             results["base"] = base_figures(ctx)
             results_path.write_text(json.dumps(results, indent=1))
         ctx["base_chat_bpc"] = results["base"]["chat_bits_per_char"]
-        suffix = seeded_config(ctx, a.seed, out / "work")
+        suffix = seeded_config(ctx, a.seed)
         for recipe_name in names:
             name = recipe_name + suffix
             if name in results["arms"] and not a.rerun:

@@ -86,7 +86,7 @@ class Recipe:
         if not self.distill_english and not (self.distill_replay and self.chat_share):
             raise ValueError("distill_english: false keeps English prose as text while the chat replay is distilled, "
                              "but this recipe distills no chat replay; set distill_replay: true with a chat_share, "
-                             "or remove distill_english")
+                             "or distill_english: true")
         if self.distill_replay and not (self.english_share or self.chat_share):
             raise ValueError("distill_replay scores the replay sources, but english_share and chat_share are 0; "
                              "give the replay a share or set distill_replay: false")

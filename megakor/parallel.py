@@ -261,10 +261,9 @@ def release_cpu_shm_name(environ=os.environ) -> None:
     """DeepSpeed's CPU accelerator maps one shared-memory allreduce buffer per rank,
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (66 MiB), and never
     unlinks it: every single-node run from the deepspeed launcher (which sets LOCAL_SIZE) left them
-    behind, in RAM, until reboot. Once every rank has
-    mapped every buffer (init_distributed maps them before it returns; the barrier says all ranks are
-    past it) the names are no longer needed: each rank unlinks its own, and the memory is freed when
-    the last rank unmaps it at exit, however the run ends."""
+    behind, in RAM, until reboot. Once every rank has mapped every buffer (init_distributed maps them
+    before it returns; the barrier says all ranks are past it) the names are no longer needed: each rank
+    unlinks its own, and the memory is freed when the last rank unmaps it at exit, however the run ends."""
     dist.barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_"
             f"{environ.get('MASTER_PORT', '')}_{dist.get_rank()}")

@@ -75,7 +75,7 @@ def test_distill_english_false_keeps_the_english_prose_as_text():
     assert [s["name"] for s in sources if s.get("distill")] == ["chat"]
 
 
-def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled(tmp_path):
+def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
     median row per recipe whose ratios are the median over seeds of arm / plain CPT at the same seed."""
     import importlib.util
@@ -85,13 +85,15 @@ def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_recipe", RECIPES.parents[1] / "bench" / "recipe.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from megakor.config import load_config
+
     config = str(RECIPES.parents[1] / "configs" / "runs" / "smollm2_korean_cpu.yaml")
     own_seed = yaml.safe_load(open(config))["train"]["seed"]
     ctx = {"config": config}
-    assert bench.seeded_config(ctx, own_seed, tmp_path) == "" and ctx["config"] == config
-    assert bench.seeded_config(ctx, 7, tmp_path) == "@seed7"
-    copied = yaml.safe_load(open(ctx["config"]))
-    assert copied["train"]["seed"] == 7 and copied["train"]["steps"] == yaml.safe_load(open(config))["train"]["steps"]
+    assert bench.seeded_config(ctx, own_seed) == "" and "overrides" not in ctx
+    assert bench.seeded_config(ctx, 7) == "@seed7"
+    seeded, own = load_config(ctx["config"], ctx["overrides"]), load_config(config)
+    assert seeded.train.seed == 7 and own.train.seed == own_seed and seeded.train.steps == own.train.steps
 
     def arm(ko, ko2, probes):
         return {"train_tokens": 51200, "train_flops": 4.4e13, "ko_bits_per_char": ko, "ko2_bits_per_char": ko2,
