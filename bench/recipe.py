@@ -47,7 +47,7 @@ from megakor.default_job import Recipe, load_recipe, prepare_start, recipe_sourc
 
 SPLITS = ("ko", "ko2", "en")
 BASELINE = "plain"
-DEFAULT_ARM = "distill_replay_lr_1.5e-4"  # the arm whose settings configs/recipes/default.yaml holds
+DEFAULT_ARM = "distill_replay_ko85"  # the arm whose settings configs/recipes/default.yaml holds
 
 
 def held_out_splits(cache, eval_chars: int) -> dict[str, list[str]]:
@@ -108,6 +108,16 @@ def train_stage(model, batches, steps: int, lr: float, freeze_below: int | None,
         p.requires_grad_(True)
 
 
+def tokens_by_source(blend, samples: int) -> dict[str, int]:
+    """Predicted (labelled) tokens of each source in the blend's first `samples` samples: what a stage
+    of that many samples trained on, e.g. how much of the budget was Korean."""
+    counts = dict.fromkeys(blend.names, 0)
+    for i in range(samples):
+        source, _ = blend.locate(i)
+        counts[blend.names[source]] += int((blend[i]["labels"] != -100).sum())
+    return counts
+
+
 def stage_flops(args, seq_len: int, tokens: int, frozen_body: bool, frozen_layers: int = 0) -> float:
     """Training FLOPs of `tokens`: 6N per token (+ attention) for all weights; the weight gradients (2 FLOPs
     per weight and token) of frozen matrices are not computed: every matrix in stage 1 (only activation
@@ -160,7 +170,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
               + "  ".join(f"{k} {v:.4f}" for k, v in bpc.items()), flush=True)
 
     point(0)
-    done = 0
+    done, by_source = 0, {}
     for steps, lr, freeze in ((recipe.stage1_steps, recipe.stage1_lr, first_new), (recipe.stage2_steps, recipe.stage2_lr, None)):
         if not steps:
             continue
@@ -182,6 +192,8 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
 
         train_stage(model, batches, steps, lr, freeze, cfg, on_step,
                     recipe.frozen_layer_range() if freeze is None else range(0))
+        for source, tokens in tokens_by_source(train_set, steps * cfg.train.global_batch).items():
+            by_source[source] = by_source.get(source, 0) + tokens
     point(done)
     train_seconds = time.time() - t0
     hf = out / name / "hf"
@@ -203,6 +215,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     del model
     kept = retention(hf, ctx["reference"], ctx["base_chat_bpc"], chat_bits_per_char=chat["bits_per_char"])
     return {"recipe": recipe.__dict__, "train_tokens": recipe.steps * step_tokens, "train_flops": flops,
+            "train_tokens_by_source": by_source,
             "vocab_size": args.vocab_size, **{f"{k}_bits_per_char": final[k] for k in ctx["splits"]},
             **kept, "curve": curve, "loss": losses, "train_seconds": round(train_seconds, 1),
             "seconds": round(time.time() - t0, 1), "hf_export": str(hf), "load": os.getloadavg()[0]}
@@ -227,15 +240,15 @@ def base_figures(ctx: dict) -> dict:
 def table(results: dict) -> str:
     base, arms = results["base"], results["arms"]
     width = max([26] + [len(n) + 2 for n in arms] + [len(f"{n} median of {len(r)}") + 2 for n, r in seed_groups(arms).items()])
-    head = (f"{'arm':{width}}{'tokens':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
+    head = (f"{'arm':{width}}{'tokens':>8}{'ko tok':>8}{'PFLOPs':>8}{'ko':>8}{'ko2':>8}{'en':>8}{'chat×':>7}{'probes':>8}"
             f"{'ko/plain':>9}{'ko2/plain':>10}")
-    lines = [head, f"{'base (untrained)':{width}}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
+    lines = [head, f"{'base (untrained)':{width}}{0:>8}{0:>8}{0:>8.3f}" + "".join(f"{base[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
              + f"{1.0:>7.3f}{'-':>8}"]
     for name, a in arms.items():
         plain = arms.get(BASELINE + seed_suffix(name))  # plain CPT at the same seed (paired)
         ratios = "".join(f"{a[f'{k}_bits_per_char'] / plain[f'{k}_bits_per_char']:>{w}.3f}" if plain else f"{'-':>{w}}"
                          for k, w in (("ko", 9), ("ko2", 10)))
-        lines.append(f"{name:{width}}{a['train_tokens']:>8}{a['train_flops'] / 1e15:>8.3f}"
+        lines.append(f"{name:{width}}{a['train_tokens']:>8}{korean_tokens(a):>8}{a['train_flops'] / 1e15:>8.3f}"
                      + "".join(f"{a[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
                      + f"{a['chat_bits_per_char_ratio']:>7.3f}{a['probes_kept']:>4}/{a['probes_base_right']:<3}" + ratios)
     for name, runs in seed_groups(arms).items():
@@ -248,11 +261,18 @@ def table(results: dict) -> str:
         ratios = "".join(f"{statistics.median(a[f'{k}_bits_per_char'] / b[f'{k}_bits_per_char'] for a, b in paired):>{w}.3f}"
                          if paired else f"{'-':>{w}}" for k, w in (("ko", 9), ("ko2", 10)))
         first = next(iter(runs.values()))
-        lines.append(f"{name + f' median of {len(runs)}':{width}}{first['train_tokens']:>8}{med['train_flops'] / 1e15:>8.3f}"
+        ko_tokens = [a["train_tokens_by_source"]["ko"] for a in runs.values() if "train_tokens_by_source" in a]
+        lines.append(f"{name + f' median of {len(runs)}':{width}}{first['train_tokens']:>8}"
+                     f"{statistics.median_low(ko_tokens) if ko_tokens else '-':>8}{med['train_flops'] / 1e15:>8.3f}"
                      + "".join(f"{med[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
                      + f"{med['chat_bits_per_char_ratio']:>7.3f}{med['probes_kept']:>4}/{first['probes_base_right']:<3}"
                      + ratios)
     return "\n".join(lines)
+
+
+def korean_tokens(arm: dict) -> int | str:
+    """The Korean tokens an arm trained on ("-" for results kept before the bench counted them)."""
+    return arm.get("train_tokens_by_source", {}).get("ko", "-")
 
 
 def seed_groups(arms: dict) -> dict[str, dict[str, dict]]:

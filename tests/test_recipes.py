@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from megakor.default_job import RECIPES, DefaultJob, Recipe, load_recipe, recipe_sources
@@ -75,16 +76,45 @@ def test_distill_english_false_keeps_the_english_prose_as_text():
     assert [s["name"] for s in sources if s.get("distill")] == ["chat"]
 
 
-def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
-    """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
-    median row per recipe whose ratios are the median over seeds of arm / plain CPT at the same seed."""
+def load_bench():
     import importlib.util
-
-    import yaml
 
     spec = importlib.util.spec_from_file_location("bench_recipe", RECIPES.parents[1] / "bench" / "recipe.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_counts_the_tokens_each_source_trained(tmp_path):
+    """tokens_by_source against the rows themselves: the two sources' token ids do not overlap, so each
+    sample's ids say where it came from."""
+    from megakor.data.blend import BlendedDataset, PackedSource
+    from megakor.data.indexed import IndexedWriter
+
+    rng = np.random.default_rng(3)
+    sources = []
+    for name, low, high in (("ko", 10, 500), ("en", 500, 1000)):
+        w = IndexedWriter(tmp_path / name, 1000, 2)
+        for _ in range(80):
+            w.add(rng.integers(low, high, size=rng.integers(1, 30)).tolist() + [2])
+        w.finish()
+        sources.append(PackedSource(str(tmp_path / name), 16, 5, name))
+    blend = BlendedDataset(sources, [0.7, 0.3], seed=4)
+    want = {"ko": 0, "en": 0}
+    for i in range(50):
+        sample = blend[i]
+        ids = sample["input_ids"][sample["input_ids"] != 2]
+        want["ko" if int(ids.max()) < 500 else "en"] += int((sample["labels"] != -100).sum())
+    got = load_bench().tokens_by_source(blend, 50)
+    assert got == want and 0 < got["en"] < got["ko"]
+
+
+def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
+    """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
+    median row per recipe whose ratios are the median over seeds of arm / plain CPT at the same seed."""
+    import yaml
+
+    bench = load_bench()
     from megakor.config import load_config
 
     config = str(RECIPES.parents[1] / "configs" / "runs" / "smollm2_korean_cpu.yaml")
@@ -112,3 +142,27 @@ def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     # x's medians: ko 2.9, ko2 3.0, probes 55; ratios: the median of the paired ratios,
     # ko 2.8/3.0, 3.2/3.3, 2.9/3.1 and ko2 3.2/3.0, 2.7/3.1, 3.0/2.9
     assert rows["x median of 3"][-6:] == ["3.000", "0.950", "1.000", "55/58", f"{2.9 / 3.1:.3f}", f"{3.0 / 2.9:.3f}"]
+
+
+def test_default_job_finds_plain_cpt_and_plain_cpt_on_its_own_mixture(tmp_path):
+    import json
+
+    from megakor.default_job import plain_cpt_figures
+
+    def arm(name, ko, **recipe):
+        return {"recipe": {**load_recipe(name).__dict__, **recipe}, "train_tokens": 51200, "ko_bits_per_char": ko}
+
+    recipe = load_recipe("distill_replay_ko85")
+    results = {"settings": {"eval_chars": 12000, "eval_seq_len": 512},
+               "arms": {"plain": arm("plain", 3.0), "plain@seed2": arm("plain", 2.0, english_share=0.05, chat_share=0.1),
+                        "distill_replay_ko85": arm("distill_replay_ko85", 2.9),  # same mixture, but distilled
+                        "frozen": arm("plain", 2.5, english_share=0.05, chat_share=0.1, frozen_layers="8-21"),
+                        "plain_ko85": arm("plain_ko85", 2.95)}}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(results))
+    job = DefaultJob()
+    found = plain_cpt_figures(job, 51200, recipe, path)
+    assert (found["plain"]["ko_bits_per_char"], found["same_mixture"]["arm"]) == (3.0, "plain_ko85")
+    assert plain_cpt_figures(job, 51200, load_recipe("plain"), path)["same_mixture"]["arm"] == "plain"
+    assert plain_cpt_figures(job, 25600, recipe, path) == {}  # another budget
+    assert plain_cpt_figures(DefaultJob(eval_chars=500), 51200, recipe, path) == {}  # other held-out text
