@@ -257,18 +257,29 @@ def ask_chat_pipeline(model_dir: Path, question: str, max_new_tokens: int = 32) 
     return out[0]["generated_text"][-1]["content"].strip()
 
 
-def plain_cpt_figures(job: DefaultJob, train_tokens: int, path: Path = BENCH_RESULTS) -> dict | None:
-    """The plain continued-pretraining arm of bench/recipe.py at this job's budget and evaluation
-    (same held-out text, same protocol), or None when the committed results do not match them."""
+def plain_cpt_figures(job: DefaultJob, train_tokens: int, recipe: Recipe, path: Path = BENCH_RESULTS) -> dict:
+    """bench/recipe.py's plain continued-pretraining arms at this job's budget and evaluation (same held-out
+    text, same protocol, the run config's seed): "plain", the bench's baseline, and "same_mixture", plain
+    CPT with this recipe's Korean / English / chat shares, when the bench ran one. Missing keys when the
+    committed results do not hold such an arm or were measured otherwise."""
     if not path.exists():
-        return None
+        return {}
     results = json.loads(path.read_text())
-    plain = results.get("arms", {}).get("plain")
     settings = results.get("settings", {})
-    if (plain is None or plain["train_tokens"] != train_tokens or settings.get("eval_chars") != job.eval_chars
-            or settings.get("eval_seq_len") != job.eval_seq_len):
-        return None
-    return plain
+    if settings.get("eval_chars") != job.eval_chars or settings.get("eval_seq_len") != job.eval_seq_len:
+        return {}
+    found = {}
+    for name, arm in results.get("arms", {}).items():
+        r = arm["recipe"]
+        plain_cpt = (not r["new_tokens"] and not r["stage1_steps"] and not r.get("distill_replay")
+                     and not r.get("frozen_layers") and r.get("merge_keep", 1) == 1)
+        if "@seed" in name or arm["train_tokens"] != train_tokens or not plain_cpt:
+            continue
+        if name == "plain":
+            found["plain"] = {"arm": name, **arm}
+        if (r["english_share"], r["chat_share"]) == (recipe.english_share, recipe.chat_share):
+            found.setdefault("same_mixture", {"arm": name, **arm})
+    return found
 
 
 def run(job: DefaultJob) -> dict:
@@ -363,7 +374,8 @@ def run(job: DefaultJob) -> dict:
     run_config = load_config(job.config)
     tokens_per_step = run_config.train.global_batch * run_config.train.seq_len
     train_tokens = recipe.steps * tokens_per_step
-    plain = plain_cpt_figures(job, train_tokens)
+    plain_arms = plain_cpt_figures(job, train_tokens, recipe)
+    plain, same = plain_arms.get("plain"), plain_arms.get("same_mixture")
     speeds = list(tb1.get("train/tokens_per_sec", {}).values()) + list(tb2.get("train/tokens_per_sec", {}).values())
     summary = {
         "ko_bits_per_char_before": before["ko"]["bits_per_char"],
@@ -379,6 +391,13 @@ def run(job: DefaultJob) -> dict:
         "plain_cpt_source": (f"{BENCH_RESULTS.relative_to(REPO)} (python bench/recipe.py --arms plain: same "
                              "held-out text, protocol and training tokens)") if plain else
                             "no matching plain arm in bench/results/recipe.json; run python bench/recipe.py --arms plain",
+        # Plain CPT trained on this recipe's own mixture (the same replay rows, as text), when the bench ran it.
+        "plain_cpt_same_mixture": same and {
+            "arm": same["arm"], "ko_bits_per_char": same["ko_bits_per_char"], "ko2_bits_per_char": same["ko2_bits_per_char"],
+            "ko_ratio": after["ko"]["bits_per_char"] / same["ko_bits_per_char"],
+            "ko2_ratio": after["ko2"]["bits_per_char"] / same["ko2_bits_per_char"],
+            "chat_answers_bits_per_char_ratio": same["chat_bits_per_char_ratio"],
+            "probes_kept": same["probes_kept"]},
         "chat_answers_bits_per_char_base": base_chat["bits_per_char"],
         "chat_answers_bits_per_char_after": kept["chat_bits_per_char"],
         "chat_answers_bits_per_char_ratio": kept["chat_bits_per_char_ratio"],
@@ -438,6 +457,11 @@ def _print_summary(s: dict, out: Path):
         print(f"\nvs plain continued pretraining at {s['train_tokens']:,} tokens: Korean bits/char "
               f"{s['ko_ratio_to_plain_cpt']:.3f}x, second domain {s['ko2_ratio_to_plain_cpt']:.3f}x "
               f"(plain: {s['ko_bits_per_char_plain_cpt']:.3f}, {s['ko2_bits_per_char_plain_cpt']:.3f}; {s['plain_cpt_source']})")
+    same = s["plain_cpt_same_mixture"]
+    if same:
+        print(f"vs plain CPT on this recipe's own mixture ({same['arm']}): Korean bits/char {same['ko_ratio']:.3f}x, "
+              f"second domain {same['ko2_ratio']:.3f}x (it keeps the base's chat answers at "
+              f"{same['chat_answers_bits_per_char_ratio']:.3f}x and {same['probes_kept']}/{s['probes_base_right']} probes)")
     print(f"retention: base chat answers {s['chat_answers_bits_per_char_ratio']:.3f}x their base bits/char; "
           f"factual probes kept {s['probes_kept']}/{s['probes_base_right']}; "
           f"{s['check']['question']} -> {s['check']['answer']!r}")
