@@ -18,9 +18,12 @@ def test_every_recipe_loads(path):
 
 
 def test_plain_is_the_base_tokenizer_in_one_stage_and_default_is_a_recipe():
-    plain, default = load_recipe("plain"), load_recipe("default")
-    assert (plain.new_tokens, plain.stage1_steps) == (0, 0)
-    assert (plain.english_share, plain.chat_share) == (default.english_share, default.chat_share)
+    plain, default, same = load_recipe("plain"), load_recipe("default"), load_recipe("plain_ko85")
+    for p in (plain, same):
+        assert (p.new_tokens, p.stage1_steps, p.distill_replay, p.stage2_lr) == (0, 0, False, 2e-4)
+    # The bench's baseline replays 30% as text; plain_ko85 is plain CPT on the default's own mixture.
+    assert (plain.english_share, plain.chat_share) == (0.1, 0.2)
+    assert (same.english_share, same.chat_share) == (default.english_share, default.chat_share)
     assert DefaultJob().resolved_recipe() == default
     assert DefaultJob(stage2_lr=1e-5).resolved_recipe().stage2_lr == 1e-5
     from megakor.config import parse_job_arguments
