@@ -23,7 +23,7 @@ step is reproduced exactly: loss summed over the global batch's labelled tokens,
 
 Each arm's final export is kept at OUT/<arm>/hf (transformers loads it); the figures accumulate in
 OUT/results.json (arms already there are skipped unless --rerun), the curves in bench/results/. A recipe
-run at several seeds (the blend's document order and sampling; arms at one seed see the same documents)
+run at several seeds (the blend's document order and sampling; arms with the same mixture at one seed see the same documents)
 gets a median row in the table: each figure's median over its seeds, and as ratios the median over seeds
 of arm / plain CPT at the same seed. Plain CPT's own Korean moves by 3.6% between seeds at this budget.
 """
@@ -261,9 +261,10 @@ def table(results: dict) -> str:
         ratios = "".join(f"{statistics.median(a[f'{k}_bits_per_char'] / b[f'{k}_bits_per_char'] for a, b in paired):>{w}.3f}"
                          if paired else f"{'-':>{w}}" for k, w in (("ko", 9), ("ko2", 10)))
         first = next(iter(runs.values()))
-        ko_tokens = [a["train_tokens_by_source"]["ko"] for a in runs.values() if "train_tokens_by_source" in a]
+        ko_tokens = [korean_tokens(a) for a in runs.values()]
+        ko_median = statistics.median_low(ko_tokens) if all(isinstance(t, int) for t in ko_tokens) else "-"
         lines.append(f"{name + f' median of {len(runs)}':{width}}{first['train_tokens']:>8}"
-                     f"{statistics.median_low(ko_tokens) if ko_tokens else '-':>8}{med['train_flops'] / 1e15:>8.3f}"
+                     f"{ko_median:>8}{med['train_flops'] / 1e15:>8.3f}"
                      + "".join(f"{med[f'{k}_bits_per_char']:>8.3f}" for k in SPLITS)
                      + f"{med['chat_bits_per_char_ratio']:>7.3f}{med['probes_kept']:>4}/{first['probes_base_right']:<3}"
                      + ratios)

