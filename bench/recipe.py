@@ -23,9 +23,10 @@ step is reproduced exactly: loss summed over the global batch's labelled tokens,
 
 Each arm's final export is kept at OUT/<arm>/hf (transformers loads it); the figures accumulate in
 OUT/results.json (arms already there are skipped unless --rerun), the curves in bench/results/. A recipe
-run at several seeds (the blend's document order and sampling; arms with the same mixture at one seed see the same documents)
-gets a median row in the table: each figure's median over its seeds, and as ratios the median over seeds
-of arm / plain CPT at the same seed. Plain CPT's own Korean moves by 3.6% between seeds at this budget.
+run at several seeds (the blend's document order and sampling; arms with the same mixture at one seed see
+the same documents) gets a median row in the table: each figure's median over its seeds, and as ratios the
+median over seeds of arm / plain CPT at the same seed. Plain CPT's own Korean moves by 3.6% between seeds
+at this budget, much of it the Korean share a 200-sample run draws (the table's "ko tok" column).
 """
 
 from __future__ import annotations

@@ -273,8 +273,9 @@ def plain_cpt_figures(job: DefaultJob, train_tokens: int, recipe: Recipe, path: 
 
     def plain_cpt(arm: dict) -> bool:
         r = arm.get("recipe")
-        return (isinstance(r, dict) and arm.get("train_tokens") == train_tokens and not r.get("new_tokens") and not r.get("stage1_steps")
-                and not r.get("distill_replay") and not r.get("frozen_layers") and r.get("merge_keep", 1) == 1)
+        return (isinstance(r, dict) and arm.get("train_tokens") == train_tokens and not r.get("new_tokens")
+                and not r.get("stage1_steps") and not r.get("distill_replay") and not r.get("frozen_layers")
+                and r.get("merge_keep", 1) == 1)
 
     arms = {name: arm for name, arm in results.get("arms", {}).items() if "@seed" not in name and plain_cpt(arm)}
     found = {"plain": {"arm": "plain", **arms["plain"]}} if "plain" in arms else {}
