@@ -287,6 +287,18 @@ def seed_groups(arms: dict) -> dict[str, dict[str, dict]]:
     return {name: runs for name, runs in groups.items() if len(runs) > 1 and name in arms}
 
 
+def figure_groups(results: dict) -> dict[str, list[str]]:
+    """The arms each set of curves draws, by file prefix: "recipe" the recipes on the base tokenizer,
+    "recipe_extension" those that extend the vocabulary, with plain CPT and the default beside them
+    for reference. Each recipe once, at the run config's seed."""
+    arms = {n: a for n, a in results["arms"].items() if not seed_suffix(n)}
+    extends = {n for n, a in arms.items() if a.get("recipe", {}).get("new_tokens", 0) > 0}
+    groups = {"recipe": [n for n in arms if n not in extends]}
+    if extends:
+        groups["recipe_extension"] = [n for n in arms if n in extends or n in (BASELINE, DEFAULT_ARM)]
+    return groups
+
+
 def plot(results: dict, folder: Path) -> list[Path]:
     import matplotlib
 
@@ -297,30 +309,30 @@ def plot(results: dict, folder: Path) -> list[Path]:
     titles = {"ko": "held-out Korean (training sources)", "ko2": "held-out Korean domain (LibreOffice help)",
               "en": "held-out English (Python help topics)"}
     paths = []
-    for split in SPLITS:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, a in results["arms"].items():
-            if seed_suffix(name):  # the curves show each recipe once, at the run config's seed
-                continue
-            trained = [p for p in a["curve"] if not p.get("merged")]
-            line, = ax.plot([p["tokens"] for p in trained], [p[split] for p in trained], marker="o", markersize=3,
-                            label=name + (" (= default)" if name == DEFAULT_ARM else ""),
-                            linewidth=2.2 if name in (DEFAULT_ARM, BASELINE) else 1.2)
-            for p in a["curve"]:
-                if p.get("merged"):  # after merging back toward the start: a star above the last point
-                    ax.plot([p["tokens"]], [p[split]], marker="*", markersize=11, color=line.get_color(),
-                            linestyle="none")
-        ax.axhline(results["base"]["curve"][split], color="grey", linestyle=":", label="base (own tokenizer)")
-        ax.set_xlabel(f"training tokens (curves: first {results['settings']['curve_chars']:,} characters of the split)")
-        ax.set_ylabel("bits per character")
-        ax.set_title(f"SmolLM2-135M: {titles[split]}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = folder / f"recipe_{split}_bpc.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+    for prefix, names in figure_groups(results).items():
+        for split in SPLITS:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for name in names:
+                a = results["arms"][name]
+                trained = [p for p in a["curve"] if not p.get("merged")]
+                line, = ax.plot([p["tokens"] for p in trained], [p[split] for p in trained], marker="o", markersize=3,
+                                label=name + (" (= default)" if name == DEFAULT_ARM else ""),
+                                linewidth=2.2 if name in (DEFAULT_ARM, BASELINE) else 1.2)
+                for p in a["curve"]:
+                    if p.get("merged"):  # after merging back toward the start: a star above the last point
+                        ax.plot([p["tokens"]], [p[split]], marker="*", markersize=11, color=line.get_color(),
+                                linestyle="none")
+            ax.axhline(results["base"]["curve"][split], color="grey", linestyle=":", label="base (own tokenizer)")
+            ax.set_xlabel(f"training tokens (curves: first {results['settings']['curve_chars']:,} characters of the split)")
+            ax.set_ylabel("bits per character")
+            ax.set_title(f"SmolLM2-135M: {titles[split]}" + (", vocabulary extension" if prefix != "recipe" else ""))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            path = folder / f"{prefix}_{split}_bpc.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
     return paths
 
 

@@ -157,6 +157,28 @@ def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     assert rows["x median of 3"][-6:] == ["3.000", "0.950", "1.000", "55/58", f"{2.9 / 3.1:.3f}", f"{3.0 / 2.9:.3f}"]
 
 
+def test_bench_draws_the_extension_arms_apart(tmp_path):
+    """Recipes on the base tokenizer in one set of PNGs, those that extend the vocabulary in another with
+    plain CPT and the default beside them; seed runs drawn in neither."""
+    bench = load_bench()
+
+    def arm(new_tokens, ko):
+        curve = [{"step": s, "tokens": 1024 * s, "ko": ko + 1 - s / 10, "ko2": ko, "en": 1.0} for s in (0, 10)]
+        return {"recipe": {"new_tokens": new_tokens}, "curve": curve}
+
+    results = {"settings": {"curve_chars": 2500}, "base": {"curve": {"ko": 5.0, "ko2": 4.0, "en": 1.0}},
+               "arms": {"plain": arm(0, 3.0), "plain@seed2": arm(0, 3.1), bench.DEFAULT_ARM: arm(0, 2.9),
+                        "ext": arm(4000, 3.8), "ext@seed2": arm(4000, 3.9), "other": arm(0, 3.2)}}
+    groups = bench.figure_groups(results)
+    assert groups == {"recipe": ["plain", bench.DEFAULT_ARM, "other"],
+                      "recipe_extension": ["plain", bench.DEFAULT_ARM, "ext"]}
+    paths = bench.plot(results, tmp_path)
+    assert sorted(p.name for p in paths) == sorted(f"{g}_{s}_bpc.png" for g in groups for s in bench.SPLITS)
+    assert all(p.stat().st_size > 1000 for p in paths)
+    del results["arms"]["ext"], results["arms"]["ext@seed2"]
+    assert list(bench.figure_groups(results)) == ["recipe"]
+
+
 def test_default_job_finds_plain_cpt_and_plain_cpt_on_its_own_mixture(tmp_path):
     import json
 
