@@ -304,6 +304,10 @@ def plot(results: dict, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from cycler import cycler
+
+    # Ten colours, solid and then dashed: no two of up to twenty arms drawn alike.
+    styles = cycler(linestyle=["-", "--"]) * cycler(color=plt.get_cmap("tab10").colors)
 
     folder.mkdir(parents=True, exist_ok=True)
     titles = {"ko": "held-out Korean (training sources)", "ko2": "held-out Korean domain (LibreOffice help)",
@@ -312,6 +316,7 @@ def plot(results: dict, folder: Path) -> list[Path]:
     for prefix, names in figure_groups(results).items():
         for split in SPLITS:
             fig, ax = plt.subplots(figsize=(7, 4.5))
+            ax.set_prop_cycle(styles)
             for name in names:
                 a = results["arms"][name]
                 trained = [p for p in a["curve"] if not p.get("merged")]
@@ -323,7 +328,7 @@ def plot(results: dict, folder: Path) -> list[Path]:
                         ax.plot([p["tokens"]], [p[split]], marker="*", markersize=11, color=line.get_color(),
                                 linestyle="none")
             ax.axhline(results["base"]["curve"][split], color="grey", linestyle=":", label="base (own tokenizer)")
-            ax.set_xlabel(f"training tokens (curves: first {results['settings']['curve_chars']:,} characters of the split)")
+            ax.set_xlabel(f"training tokens (curves: the split's leading documents, {results['settings']['curve_chars']:,}+ characters)")
             ax.set_ylabel("bits per character")
             ax.set_title(f"SmolLM2-135M: {titles[split]}" + (", vocabulary extension" if prefix != "recipe" else ""))
             ax.grid(alpha=0.3)
