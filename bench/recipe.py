@@ -306,8 +306,8 @@ def plot(results: dict, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from cycler import cycler
 
-    # Ten colours, solid and then dashed: no two of up to twenty arms drawn alike.
-    styles = cycler(linestyle=["-", "--"]) * cycler(color=plt.get_cmap("tab10").colors)
+    # Ten colours, solid, then dashed, then dash-dotted: no two of up to thirty arms in a figure drawn alike.
+    styles = cycler(linestyle=["-", "--", "-."]) * cycler(color=plt.get_cmap("tab10").colors)
 
     folder.mkdir(parents=True, exist_ok=True)
     titles = {"ko": "held-out Korean (training sources)", "ko2": "held-out Korean domain (LibreOffice help)",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -157,7 +159,7 @@ def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     assert rows["x median of 3"][-6:] == ["3.000", "0.950", "1.000", "55/58", f"{2.9 / 3.1:.3f}", f"{3.0 / 2.9:.3f}"]
 
 
-def test_bench_draws_the_extension_arms_apart(tmp_path):
+def test_bench_draws_the_extension_arms_apart(tmp_path, monkeypatch):
     """Recipes on the base tokenizer in one set of PNGs, those that extend the vocabulary in another with
     plain CPT and the default beside them; seed runs drawn in neither."""
     bench = load_bench()
@@ -172,9 +174,26 @@ def test_bench_draws_the_extension_arms_apart(tmp_path):
     groups = bench.figure_groups(results)
     assert groups == {"recipe": ["plain", bench.DEFAULT_ARM, "other"],
                       "recipe_extension": ["plain", bench.DEFAULT_ARM, "ext"]}
+    from matplotlib.figure import Figure
+
+    drawn, save = {}, Figure.savefig
+
+    def record(fig, path, **kw):  # each file's curves: label, colour, line style
+        drawn[Path(path).name] = [(line.get_label(), line.get_color(), line.get_linestyle())
+                                  for line in fig.axes[0].get_lines() if line.get_label() != "base (own tokenizer)"]
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", record)
     paths = bench.plot(results, tmp_path)
-    assert sorted(p.name for p in paths) == sorted(f"{g}_{s}_bpc.png" for g in groups for s in bench.SPLITS)
-    assert all(p.stat().st_size > 1000 for p in paths)
+    assert sorted(p.name for p in paths) == sorted(drawn) == sorted(f"{g}_{s}_bpc.png" for g in groups for s in bench.SPLITS)
+    for group, names in groups.items():
+        lines = drawn[f"{group}_ko_bpc.png"]
+        labels = [label.removesuffix(" (= default)") for label, _, _ in lines]
+        assert labels == names and len({(c, ls) for _, c, ls in lines}) == len(names)
+    many = {"settings": results["settings"], "base": results["base"],
+            "arms": {f"arm{i}": arm(0, 3.0 + i / 100) for i in range(30)}}
+    bench.plot(many, tmp_path / "many")
+    assert len({(c, ls) for _, c, ls in drawn["recipe_ko_bpc.png"]}) == 30  # thirty arms, thirty styles
     del results["arms"]["ext"], results["arms"]["ext@seed2"]
     assert list(bench.figure_groups(results)) == ["recipe"]
 
