@@ -192,6 +192,7 @@ def test_bench_draws_the_extension_arms_apart(tmp_path, monkeypatch):
         assert labels == names and len({(c, ls) for _, c, ls in lines}) == len(names)
     many = {"settings": results["settings"], "base": results["base"],
             "arms": {f"arm{i}": arm(0, 3.0 + i / 100) for i in range(30)}}
+    drawn.clear()  # only the thirty-arm figures from here on
     bench.plot(many, tmp_path / "many")
     assert len({(c, ls) for _, c, ls in drawn["recipe_ko_bpc.png"]}) == 30  # thirty arms, thirty styles
     del results["arms"]["ext"], results["arms"]["ext@seed2"]
