@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import sys
 
-from megakor.config import parse_job_arguments
+from megakor.config import ConfigError, parse_job_arguments
 from megakor.default_job import DefaultJob, run
 
 
 def main(argv=None) -> int:
     job = parse_job_arguments(DefaultJob, argv, __doc__)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(job)
+    try:
+        run(job)
+    except ConfigError as e:  # a setting or the machine cannot carry the job: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -185,6 +185,48 @@ def prepare_start(recipe: Recipe, base: Path, ko_train: Path, work: Path) -> tup
     return tok_dir, extended
 
 
+def disk_need(job: DefaultJob, recipe: Recipe, base: Path) -> tuple[int, str]:
+    """(bytes, what they are) the job writes after the base's conversion, at its peak: the grown
+    checkpoint (extension recipes, unless already built), and per stage one DeepSpeed checkpoint
+    (fp32 master weights and AdamW moments) and its HF export, then the final export. Outputs of an
+    earlier run under the same --out are counted too: they are replaced only once the new ones are written."""
+    from megakor.config import load_config
+    from megakor.train.engine import model_args
+    from megakor.train.preflight import checkpoint_bytes, export_bytes
+
+    cfg = load_config(job.config)
+    args = model_args(str(base))
+    if recipe.new_tokens:
+        args = replace(args, vocab_size=args.vocab_size + recipe.new_tokens)
+    export = export_bytes(cfg, args)
+    parts = []
+    if recipe.new_tokens and not (Path(job.out) / f"extended-{recipe.new_tokens}-{recipe.init}" / "config.json").exists():
+        parts.append(("the grown checkpoint", export))
+    for name, steps, freeze in (("stage 1", recipe.stage1_steps, "new_embeddings_only"),
+                                ("stage 2", recipe.stage2_steps, "none")):
+        if steps:
+            cfg.train.freeze = freeze
+            parts.append((f"{name}'s DeepSpeed checkpoint", checkpoint_bytes(cfg, args)))
+            parts.append((f"{name}'s HF export", export))
+    parts.append(("the final export", export))
+    return sum(b for _, b in parts), ", ".join(f"{what} {_size(b)}" for what, b in parts)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_disk(job: DefaultJob, recipe: Recipe, base: Path) -> None:
+    """Refuse, before any evaluation or training, a --out without room for what the job writes."""
+    from megakor.config import ConfigError
+
+    need, what = disk_need(job, recipe, base)
+    free = shutil.disk_usage(job.out).free
+    if need > free:
+        raise ConfigError(f"--out {job.out} has {_size(free)} free but this job writes about "
+                          f"{_size(need)} there ({what}); free space or pass --out on a disk with room")
+
+
 def _read_jsonl(path: Path, max_chars: int) -> list[str]:
     texts, total = [], 0
     with open(path, encoding="utf-8") as f:
@@ -314,6 +356,7 @@ def run(job: DefaultJob) -> dict:
     if not (base / "config.json").exists():
         stage("convert GGUF → HF")
         convert_gguf_to_hf(gguf, base)
+    check_disk(job, recipe, base)
 
     stage("prepare Korean (konlpy, debian-faq-ko, gimp-help-ko; held-out domain libreoffice-help-ko) "
           "and English (pydoc) corpora")

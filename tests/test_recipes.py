@@ -222,3 +222,62 @@ def test_default_job_finds_plain_cpt_and_plain_cpt_on_its_own_mixture(tmp_path):
     assert plain_cpt_figures(job, 51200, load_recipe("plain"), path)["same_mixture"]["arm"] == "plain"
     assert plain_cpt_figures(job, 25600, recipe, path) == {}  # another budget
     assert plain_cpt_figures(DefaultJob(eval_chars=500), 51200, recipe, path) == {}  # other held-out text
+
+
+def _params(checkpoint: Path) -> tuple[int, int, bool]:
+    """(parameters, hidden size, tied embeddings) of an HF checkpoint, counted by transformers."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint))
+    cfg = model.config
+    return sum(p.numel() for p in model.parameters()), cfg.hidden_size, bool(cfg.tie_word_embeddings)
+
+
+def test_default_job_counts_the_disk_it_needs_and_refuses_before_any_work(hf_checkpoints, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    import megakor.checkpoint.gguf as gguf
+    import megakor.default_job as dj
+    from launch.default_job import main
+    from megakor.config import ConfigError
+
+    base = tmp_path / "out" / "base"
+    shutil.copytree(hf_checkpoints["llama2"], base)
+    n, hidden, tied = _params(base)
+    job = DefaultJob(out=str(tmp_path / "out"))
+    # Plain CPT on CPU (fp32): one stage-2 checkpoint (4 bytes of weights + 12 of fp32 master and AdamW
+    # moments per parameter), its export and the final export.
+    assert dj.disk_need(job, load_recipe("plain"), base)[0] == 16 * n + 4 * n + 4 * n
+    # An extension: the grown model, then stage 1 (only the embedding matrix carries optimizer state).
+    grown = n + 4000 * hidden * (1 if tied else 2)
+    rows = (300 + 4000) * hidden * (1 if tied else 2)
+    need, what = dj.disk_need(job, load_recipe("extension_4000"), base)
+    assert need == 4 * grown + (12 * rows + 4 * grown) + 4 * grown + 16 * grown + 4 * grown + 4 * grown
+    assert "stage 1's DeepSpeed checkpoint" in what and "the grown checkpoint" in what
+
+    Usage = namedtuple("Usage", "total used free")
+    plain_need = dj.disk_need(job, load_recipe("plain"), base)[0]
+    monkeypatch.setattr(dj.shutil, "disk_usage", lambda p: Usage(10**12, 0, plain_need))
+    dj.check_disk(job, load_recipe("plain"), base)  # exactly enough
+    monkeypatch.setattr(dj.shutil, "disk_usage", lambda p: Usage(10**12, 0, plain_need - 1))
+    with pytest.raises(ConfigError, match="free space or pass --out on a disk with room"):
+        dj.check_disk(job, load_recipe("plain"), base)
+
+    # The whole job refuses right after the base's conversion: nothing is evaluated or trained.
+    monkeypatch.setattr(gguf, "fetch_smollm2_gguf", lambda cache: tmp_path / "unused.gguf")
+
+    def no_work(*a, **k):
+        raise AssertionError("the job went on past the disk check")
+
+    monkeypatch.setattr(gguf, "convert_gguf_to_hf", no_work)
+    monkeypatch.setattr(dj, "_evaluate", no_work)
+    monkeypatch.setattr(dj, "_train_stage", no_work)
+    import megakor.corpora as corpora
+
+    monkeypatch.setattr(corpora, "prepare_corpora", no_work)
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path / "out"), "--recipe", "plain"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'out'} has {(plain_need - 1) / 1e6:.1f} MB free but this job "
+                          f"writes about {plain_need / 1e6:.1f} MB there") and err.count("\n") == 1
