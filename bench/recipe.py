@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from megakor.default_job import Recipe, load_recipe, prepare_start, recipe_sources, RECIPES  # noqa: E402
@@ -119,6 +120,56 @@ def tokens_by_source(blend, samples: int) -> dict[str, int]:
     return counts
 
 
+def korean_reading(reads, new_rows: range | None) -> dict:
+    """What training gave the Korean source ("ko") and the new vocabulary rows, over `reads`, a list of
+    (blend, samples) for each stage (a stage trains on its blend's first `samples` samples): the windows
+    read from Korean over its windows per epoch (passes over the Korean training text, repeats counted),
+    and for `new_rows` (token ids) how many times each appears as an input: the median over the new rows,
+    the share seen at least 10 times, and how many never appear."""
+    passes, counts = 0.0, None if new_rows is None else np.zeros(len(new_rows), dtype=np.int64)
+    for blend, samples in reads:
+        ko, windows = blend.names.index("ko"), 0
+        for i in range(samples):
+            source, _ = blend.locate(i)
+            windows += source == ko
+            if counts is not None:
+                ids = blend[i]["input_ids"].numpy()
+                ids = ids[(ids >= new_rows.start) & (ids < new_rows.stop)] - new_rows.start
+                counts += np.bincount(ids, minlength=len(new_rows))
+        passes += windows / blend.sources[ko].samples_per_epoch
+    read = {"ko_passes": passes}
+    if counts is not None:
+        read.update(new_rows_seen_median=float(np.median(counts)), new_rows_seen_10=float((counts >= 10).mean()),
+                    new_rows_unseen=int((counts == 0).sum()))
+    return read
+
+
+def stage_blend(recipe: Recipe, ctx: dict, tok_dir, cfg):
+    """The blend each stage of an arm trains on: each stage is its own trainer run in the default job, so
+    its data starts from the blend's beginning."""
+    from megakor.data.blend import build_datasets
+
+    sources = recipe_sources(recipe, ctx["corpora"], ctx["chat_replay"])
+    train_set, _ = build_datasets(sources, None, str(tok_dir), cfg.train.seq_len, cfg.train.seed,
+                                  str(ctx["out"] / "work" / "data"), 1)
+    return train_set
+
+
+def arm_reading(recipe: Recipe, ctx: dict) -> dict:
+    """korean_reading of an arm, without training it (the data order is fixed by the recipe and the seed)."""
+    from megakor.checkpoint.resize import base_vocab_size
+    from megakor.config import load_config
+    from megakor.default_job import recipe_tokenizer
+    from megakor.tokenizer import load_tokenizer
+
+    cfg = load_config(ctx["config"], ctx.get("overrides"))
+    tok_dir = recipe_tokenizer(recipe, ctx["base"], ctx["corpora"]["ko.train"], ctx["out"] / "work")
+    new_rows = range(base_vocab_size(tok_dir), len(load_tokenizer(tok_dir))) if recipe.new_tokens else None
+    blend = stage_blend(recipe, ctx, tok_dir, cfg)
+    return korean_reading([(blend, steps * cfg.train.global_batch)
+                           for steps in (recipe.stage1_steps, recipe.stage2_steps) if steps], new_rows)
+
+
 def stage_flops(args, seq_len: int, tokens: int, frozen_body: bool, frozen_layers: int = 0) -> float:
     """Training FLOPs of `tokens`: 6N per token (+ attention) for all weights; the weight gradients (2 FLOPs
     per weight and token) of frozen matrices are not computed: every matrix in stage 1 (only activation
@@ -144,7 +195,7 @@ def teacher_flops(args, seq_len: int, tokens: int) -> float:
 def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     from megakor.checkpoint.hf import save_hf_checkpoint
     from megakor.config import load_config
-    from megakor.data.blend import BatchIterator, build_datasets
+    from megakor.data.blend import BatchIterator
     from megakor.checkpoint.source import build_model
     from megakor.retention import answer_bits_per_char, retention
     from megakor.tokenizer import load_tokenizer
@@ -153,7 +204,6 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     cfg = load_config(ctx["config"], ctx.get("overrides"))
     tok_dir, start = prepare_start(recipe, ctx["base"], ctx["corpora"]["ko.train"], out / "work")
     tokenizer = load_tokenizer(tok_dir)
-    sources = recipe_sources(recipe, ctx["corpora"], ctx["chat_replay"])
     model, ckpt = build_model(str(start), loss_chunk_tokens=cfg.model.loss_chunk_tokens)
     args = ckpt.args
     first_new = ckpt.args.vocab_size - recipe.new_tokens if recipe.new_tokens else None
@@ -175,9 +225,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     for steps, lr, freeze in ((recipe.stage1_steps, recipe.stage1_lr, first_new), (recipe.stage2_steps, recipe.stage2_lr, None)):
         if not steps:
             continue
-        # Each stage is its own trainer run in the default job: its data starts from the blend's beginning.
-        train_set, _ = build_datasets(sources, None, str(tok_dir), cfg.train.seq_len, cfg.train.seed,
-                                      str(out / "work" / "data"), 1)
+        train_set = stage_blend(recipe, ctx, tok_dir, cfg)
         batches = BatchIterator(train_set, cfg.train.global_batch, cfg.train.global_batch)
         stage_frozen = freeze is not None
 
@@ -216,7 +264,7 @@ def run_arm(name: str, recipe: Recipe, ctx: dict, eval_every: int) -> dict:
     del model
     kept = retention(hf, ctx["reference"], ctx["base_chat_bpc"], chat_bits_per_char=chat["bits_per_char"])
     return {"recipe": recipe.__dict__, "train_tokens": recipe.steps * step_tokens, "train_flops": flops,
-            "train_tokens_by_source": by_source,
+            "train_tokens_by_source": by_source, "reading": arm_reading(recipe, ctx),
             "vocab_size": args.vocab_size, **{f"{k}_bits_per_char": final[k] for k in ctx["splits"]},
             **kept, "curve": curve, "loss": losses, "train_seconds": round(train_seconds, 1),
             "seconds": round(time.time() - t0, 1), "hf_export": str(hf), "load": os.getloadavg()[0]}
@@ -270,6 +318,20 @@ def table(results: dict) -> str:
                      + f"{med['chat_bits_per_char_ratio']:>7.3f}{med['probes_kept']:>4}/{first['probes_base_right']:<3}"
                      + ratios)
     return "\n".join(lines)
+
+
+def reading_table(results: dict) -> str:
+    """What each arm's training read (arms with a "reading", see korean_reading)."""
+    rows = [f"{'arm':28}{'new tokens':>11}{'ko tokens':>10}{'Korean passes':>14}{'new rows: median seen':>23}"
+            f"{'seen >= 10':>11}{'never seen':>11}"]
+    for name, a in results["arms"].items():
+        r = a.get("reading")
+        if r is None:
+            continue
+        rows.append(f"{name:28}{a['recipe'].get('new_tokens', 0):>11}{korean_tokens(a):>10}{r['ko_passes']:>14.2f}"
+                    + (f"{r['new_rows_seen_median']:>23.1f}{r['new_rows_seen_10']:>11.1%}{r['new_rows_unseen']:>11}"
+                       if "new_rows_seen_median" in r else f"{'-':>23}{'-':>11}{'-':>11}"))
+    return "\n".join(rows)
 
 
 def korean_tokens(arm: dict) -> int | str:
@@ -341,6 +403,24 @@ def plot(results: dict, folder: Path) -> list[Path]:
     return paths
 
 
+def context(a, out: Path) -> dict:
+    """What every arm shares: the base (converted once under `out`), the corpora, the held-out splits, the
+    base's chat answers and factual probes (cached per base) and the chat replay written from them."""
+    from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
+    from megakor.corpora import prepare_corpora
+    from megakor.retention import base_reference, write_replay_jsonl
+    from megakor.tokenizer import load_tokenizer
+
+    base = out / "base"
+    if not (base / "config.json").exists():
+        convert_gguf_to_hf(fetch_smollm2_gguf(a.cache), base)
+    ctx = {"out": out, "base": base, "config": a.config, "corpora": prepare_corpora(a.cache),
+           "splits": held_out_splits(a.cache, a.eval_chars), "curve_splits": held_out_splits(a.cache, a.curve_chars),
+           "eval_seq_len": a.eval_seq_len, "reference": base_reference(base, a.cache)}
+    ctx["chat_replay"] = write_replay_jsonl(ctx["reference"], load_tokenizer(base), out / "work" / "chat_replay.jsonl")
+    return ctx
+
+
 def seeded_config(ctx: dict, seed: int | None) -> str:
     """Train ctx's arms at train.seed = `seed` (the blend's document order and sampling), as a config
     override; returns the arm-name suffix, "" at the run config's own seed."""
@@ -359,7 +439,7 @@ def seed_suffix(name: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default=None, help="comma-separated recipe names under configs/recipes/ (default: all)")
+    ap.add_argument("--arms", default=None, help="comma-separated recipe names under configs/recipes/ or recipe YAML paths, an arm named by its file (default: all)")
     ap.add_argument("--out", default="runs/bench/recipe", help="arms' exports and results.json")
     ap.add_argument("--results", default=str(REPO / "bench" / "results"), help="where the PNGs and a copy of results.json go")
     ap.add_argument("--cache", default=None, help="download cache ($MEGAKOR_CACHE or ~/.cache/megakor)")
@@ -374,6 +454,10 @@ def main(argv=None) -> int:
                          "seed are kept as <arm>@seed<N>, and the table adds each arm's median over its seeds")
     ap.add_argument("--rerun", action="store_true", help="train arms again even if results.json has them")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--reading", action="store_true",
+                    help="for the arms in results.json (those of --arms, at every seed), what their training read: "
+                         "passes over the Korean training text and how often each new vocabulary row was an input; "
+                         "no training (the data order is fixed by the recipe and the seed)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (on a shared CPU a second OpenMP thread mostly spin-waits; run arms as "
                          "separate processes instead)")
@@ -385,21 +469,18 @@ def main(argv=None) -> int:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"arms": {}}
     names = a.arms.split(",") if a.arms else sorted(p.stem for p in RECIPES.glob("*.yaml"))
-    if not a.plot_only:
-        from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
-        from megakor.corpora import prepare_corpora
-        from megakor.retention import base_reference, write_replay_jsonl
-        from megakor.tokenizer import load_tokenizer
-
+    if a.reading:
+        ctx = context(a, out)
+        for name, arm in results["arms"].items():
+            if a.arms and name.split("@seed")[0] not in {Path(n).stem for n in names}:
+                continue
+            ctx.pop("overrides", None)
+            seeded_config(ctx, int(seed_suffix(name)[5:]) if seed_suffix(name) else None)
+            arm["reading"] = arm_reading(Recipe(**arm["recipe"]), ctx)
+        results_path.write_text(json.dumps(results, indent=1))
+    elif not a.plot_only:
         recipes = {n: load_recipe(n) for n in names}  # every file validated before an hour of training
-        base = out / "base"
-        if not (base / "config.json").exists():
-            convert_gguf_to_hf(fetch_smollm2_gguf(a.cache), base)
-        ctx = {"out": out, "base": base, "config": a.config, "corpora": prepare_corpora(a.cache),
-               "splits": held_out_splits(a.cache, a.eval_chars), "curve_splits": held_out_splits(a.cache, a.curve_chars),
-               "eval_seq_len": a.eval_seq_len,
-               "reference": base_reference(base, a.cache)}
-        ctx["chat_replay"] = write_replay_jsonl(ctx["reference"], load_tokenizer(base), out / "work" / "chat_replay.jsonl")
+        ctx = context(a, out)
         settings = {"eval_chars": a.eval_chars, "eval_seq_len": a.eval_seq_len, "curve_chars": a.curve_chars,
                     "eval_documents": {k: len(v) for k, v in ctx["splits"].items()}}
         if results.get("settings", settings) != settings:
@@ -411,7 +492,7 @@ def main(argv=None) -> int:
         ctx["base_chat_bpc"] = results["base"]["chat_bits_per_char"]
         suffix = seeded_config(ctx, a.seed)
         for recipe_name in names:
-            name = recipe_name + suffix
+            name = Path(recipe_name).stem + suffix  # a recipe given as a path is named by its file
             if name in results["arms"] and not a.rerun:
                 print(f"{name}: in {results_path} already (--rerun to train again)")
                 continue
@@ -430,6 +511,8 @@ def main(argv=None) -> int:
     for p in plot(results, results_dir):
         print(f"curves: {p}")
     print(table(results))
+    if any("reading" in arm for arm in results["arms"].values()):
+        print(reading_table(results))
     return 0
 
 

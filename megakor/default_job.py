@@ -162,20 +162,30 @@ def recipe_sources(recipe: Recipe, corpora: dict, chat_replay: Path | None) -> l
     return sources
 
 
+def recipe_tokenizer(recipe: Recipe, base: Path, ko_train: Path, work: Path) -> Path:
+    """The tokenizer a recipe trains with: the base's for new_tokens=0, else the base's extended by
+    new_tokens Korean tokens learned from ko_train (`work/tokenizer-<N>`, built once)."""
+    from megakor.corpora import read_texts
+    from megakor.tokenizer.extend import extend_tokenizer
+
+    if not recipe.new_tokens:
+        return base
+    tok_dir = work / f"tokenizer-{recipe.new_tokens}"
+    if not (tok_dir / "tokenizer.json").exists():
+        extend_tokenizer(base, read_texts(ko_train), recipe.new_tokens, tok_dir)
+    return tok_dir
+
+
 def prepare_start(recipe: Recipe, base: Path, ko_train: Path, work: Path) -> tuple[Path, Path]:
     """(tokenizer dir, checkpoint training starts from): the base itself for new_tokens=0, else the
     extended tokenizer (`work/tokenizer-<N>`, built once) and the grown checkpoint
     (`work/extended-<N>-<init>`, built once)."""
     from megakor.checkpoint.hf import HFCheckpoint
     from megakor.checkpoint.resize import resize_checkpoint_vocab
-    from megakor.corpora import read_texts
-    from megakor.tokenizer.extend import extend_tokenizer
 
     if not recipe.new_tokens:
         return base, base
-    tok_dir = work / f"tokenizer-{recipe.new_tokens}"
-    if not (tok_dir / "tokenizer.json").exists():
-        extend_tokenizer(base, read_texts(ko_train), recipe.new_tokens, tok_dir)
+    tok_dir = recipe_tokenizer(recipe, base, ko_train, work)
     extended = work / f"extended-{recipe.new_tokens}-{recipe.init}"
     if not (extended / "config.json").exists():
         tmp = work / f".{extended.name}.{os.getpid()}"

@@ -118,6 +118,41 @@ def test_bench_counts_the_tokens_each_source_trained(tmp_path):
     assert got == want and 0 < got["en"] < got["ko"]
 
 
+def test_bench_counts_the_passes_over_korean_and_the_new_rows_exposure(tmp_path):
+    """korean_reading against the rows themselves: Korean samples are told by their ids (10-500, the "new
+    rows" 1000-1100 that only Korean holds, and its own end-of-document id 2, which pads the end of its
+    epochs), every occurrence of a new row counted, two stages summed."""
+    from collections import Counter
+
+    from megakor.data.blend import BlendedDataset, PackedSource
+    from megakor.data.indexed import IndexedWriter
+
+    rng = np.random.default_rng(5)
+    sources = []
+    for name, pools, eos in (("ko", ((10, 500), (1000, 1100)), 2), ("en", ((500, 1000),), 3)):
+        w = IndexedWriter(tmp_path / name, 1200, eos)
+        for _ in range(40 if name == "ko" else 80):
+            low, high = pools[int(rng.integers(len(pools)))]
+            w.add(rng.integers(low, high, size=rng.integers(1, 30)).tolist() + [eos])
+        w.finish()
+        sources.append(PackedSource(str(tmp_path / name), 16, 5, name))
+    blend = BlendedDataset(sources, [0.6, 0.4], seed=7)
+    ko_windows, seen = 0, Counter()
+    for stage_samples in (90, 40):
+        for i in range(stage_samples):
+            ids = blend[i]["input_ids"].tolist()
+            ko_windows += all(t == 2 or 10 <= t < 500 or 1000 <= t < 1100 for t in ids)
+            seen.update(t for t in ids if 1000 <= t < 1100)
+    read = load_bench().korean_reading([(blend, 90), (blend, 40)], range(1000, 1100))
+    assert read["ko_passes"] == pytest.approx(ko_windows / sources[0].samples_per_epoch)
+    assert read["ko_passes"] > 1  # 130 samples, 60% Korean, read more than one epoch of it
+    per_row = [seen[t] for t in range(1000, 1100)]
+    assert read["new_rows_seen_median"] == float(np.median(per_row))
+    assert read["new_rows_unseen"] == per_row.count(0)
+    assert read["new_rows_seen_10"] == pytest.approx(sum(c >= 10 for c in per_row) / 100)
+    assert "new_rows_seen_median" not in load_bench().korean_reading([(blend, 10)], None)
+
+
 def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
     median row per recipe whose ratios are the median over seeds of arm / plain CPT at the same seed."""
