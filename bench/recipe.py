@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,7 +477,8 @@ def main(argv=None) -> int:
                 continue
             ctx.pop("overrides", None)
             seeded_config(ctx, int(seed_suffix(name)[5:]) if seed_suffix(name) else None)
-            arm["reading"] = arm_reading(Recipe(**arm["recipe"]), ctx)
+            known = {f.name for f in fields(Recipe)}  # a results file may predate a recipe key's removal
+            arm["reading"] = arm_reading(Recipe(**{k: v for k, v in arm["recipe"].items() if k in known}), ctx)
         results_path.write_text(json.dumps(results, indent=1))
     elif not a.plot_only:
         recipes = {n: load_recipe(n) for n in names}  # every file validated before an hour of training

@@ -198,27 +198,37 @@ def prepare_start(recipe: Recipe, base: Path, ko_train: Path, work: Path) -> tup
 def disk_need(job: DefaultJob, recipe: Recipe, base: Path) -> tuple[int, str]:
     """(bytes, what they are) the job writes after the base's conversion, at its peak: the grown
     checkpoint (extension recipes, unless already built), and per stage one DeepSpeed checkpoint
-    (fp32 master weights and AdamW moments) and its HF export, then the final export. Outputs of an
-    earlier run under the same --out are counted too: they are replaced only once the new ones are written."""
+    (fp32 master weights and AdamW moments; none when an earlier run under the same --out saved the
+    stage's last step, which the trainer resumes from) and its HF export, then the final export. An
+    export replaces an earlier run's only after the checkpoint is written, so each counts what it adds
+    to the one already there."""
+    from megakor.checkpoint.training import latest_tag
     from megakor.config import load_config
     from megakor.train.engine import model_args
     from megakor.train.preflight import checkpoint_bytes, export_bytes
 
+    out = Path(job.out)
     cfg = load_config(job.config)
     args = model_args(str(base))
     if recipe.new_tokens:
         args = replace(args, vocab_size=args.vocab_size + recipe.new_tokens)
-    export = export_bytes(cfg, args)
+    device = "cpu" if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu" else "cuda"  # as _train_stage runs it
+    export = export_bytes(cfg, args, device)
+
+    def added(path: Path) -> int:
+        return max(0, export - sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else export)
+
     parts = []
-    if recipe.new_tokens and not (Path(job.out) / f"extended-{recipe.new_tokens}-{recipe.init}" / "config.json").exists():
+    if recipe.new_tokens and not (out / f"extended-{recipe.new_tokens}-{recipe.init}" / "config.json").exists():
         parts.append(("the grown checkpoint", export))
-    for name, steps, freeze in (("stage 1", recipe.stage1_steps, "new_embeddings_only"),
-                                ("stage 2", recipe.stage2_steps, "none")):
+    for name, folder, steps, freeze in (("stage 1", "stage1", recipe.stage1_steps, "new_embeddings_only"),
+                                        ("stage 2", "stage2", recipe.stage2_steps, "none")):
         if steps:
             cfg.train.freeze = freeze
-            parts.append((f"{name}'s DeepSpeed checkpoint", checkpoint_bytes(cfg, args)))
-            parts.append((f"{name}'s HF export", export))
-    parts.append(("the final export", export))
+            done = latest_tag(out / folder / "checkpoints") == f"global_step{steps}"  # resumed, nothing to save
+            parts.append((f"{name}'s DeepSpeed checkpoint", 0 if done else checkpoint_bytes(cfg, args, device)))
+            parts.append((f"{name}'s HF export", added(out / folder / "hf")))
+    parts.append(("the final export", added(out / "hf")))
     return sum(b for _, b in parts), ", ".join(f"{what} {_size(b)}" for what, b in parts)
 
 
@@ -233,8 +243,8 @@ def check_disk(job: DefaultJob, recipe: Recipe, base: Path) -> None:
     need, what = disk_need(job, recipe, base)
     free = shutil.disk_usage(job.out).free
     if need > free:
-        raise ConfigError(f"--out {job.out} has {_size(free)} free but this job writes about "
-                          f"{_size(need)} there ({what}); free space or pass --out on a disk with room")
+        raise ConfigError(f"--out {job.out} has {_size(free)} free but this job writes about {_size(need)} there "
+                          f"({what}); free some space there, or pass --out on a disk with room")
 
 
 def _read_jsonl(path: Path, max_chars: int) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,40 @@ def test_bench_counts_the_passes_over_korean_and_the_new_rows_exposure(tmp_path)
     assert "new_rows_seen_median" not in load_bench().korean_reading([(blend, 10)], None)
 
 
+def test_bench_reading_recounts_each_arm_at_its_own_seed_and_recipe(tmp_path, monkeypatch):
+    """--reading: every arm of results.json (or those --arms names) is recounted with the recipe it was
+    trained with and at its own seed, and the counts land in results.json."""
+    import json
+    import shutil
+
+    bench = load_bench()
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(RECIPES.parents[1] / "bench" / "results" / "recipe.json", out / "results.json")
+    trained = json.loads((out / "results.json").read_text())["arms"]
+    calls = {}
+    monkeypatch.setattr(bench, "context", lambda a, out: {"config": a.config})
+    monkeypatch.setattr(bench, "plot", lambda results, folder: [])
+
+    def reading(recipe, ctx):
+        calls[len(calls)] = (recipe, list(ctx.get("overrides", [])))
+        return {"ko_passes": float(len(calls))}
+
+    monkeypatch.setattr(bench, "arm_reading", reading)
+    assert bench.main(["--reading", "--out", str(out), "--results", str(tmp_path / "res")]) == 0
+    assert len(calls) == len(trained)
+    for (recipe, overrides), (name, arm) in zip(calls.values(), trained.items()):
+        assert {k: getattr(recipe, k) for k in arm["recipe"]} == arm["recipe"]  # keys added later: defaults
+        seed = name.partition("@seed")[2]
+        assert overrides == ([f"train.seed={seed}"] if seed else [])
+    kept = json.loads((out / "results.json").read_text())["arms"]
+    assert [a["reading"]["ko_passes"] for a in kept.values()] == [float(i) for i in range(1, len(trained) + 1)]
+
+    calls.clear()
+    bench.main(["--reading", "--arms", "plain,extend_8000", "--out", str(out), "--results", str(tmp_path / "res")])
+    assert sorted(r.new_tokens for r, _ in calls.values()) == [0, 0, 0, 8000]  # plain at three seeds
+
+
 def test_bench_seed_runs_are_named_apart_and_their_median_is_tabled():
     """bench/recipe.py --seed: the run config copied with the new seed, arms kept as <arm>@seed<N>, and a
     median row per recipe whose ratios are the median over seeds of arm / plain CPT at the same seed."""
@@ -280,23 +315,38 @@ def test_default_job_counts_the_disk_it_needs_and_refuses_before_any_work(hf_che
     base = tmp_path / "out" / "base"
     shutil.copytree(hf_checkpoints["llama2"], base)
     n, hidden, tied = _params(base)
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     job = DefaultJob(out=str(tmp_path / "out"))
     # Plain CPT on CPU (fp32): one stage-2 checkpoint (4 bytes of weights + 12 of fp32 master and AdamW
     # moments per parameter), its export and the final export.
     assert dj.disk_need(job, load_recipe("plain"), base)[0] == 16 * n + 4 * n + 4 * n
     # An extension: the grown model, then stage 1 (only the embedding matrix carries optimizer state).
     grown = n + 4000 * hidden * (1 if tied else 2)
-    rows = (300 + 4000) * hidden * (1 if tied else 2)
+    rows = (vocab + 4000) * hidden * (1 if tied else 2)
     need, what = dj.disk_need(job, load_recipe("extension_4000"), base)
     assert need == 4 * grown + (12 * rows + 4 * grown) + 4 * grown + 16 * grown + 4 * grown + 4 * grown
     assert "stage 1's DeepSpeed checkpoint" in what and "the grown checkpoint" in what
+    # Again under the same --out: the grown checkpoint is built, stage 2's checkpoint is at its last step
+    # (the trainer resumes and saves nothing), and exports replace the earlier run's (here a tenth of one).
+    (tmp_path / "out" / "extended-4000-subword").mkdir()
+    (tmp_path / "out" / "extended-4000-subword" / "config.json").write_text("{}")
+    (tmp_path / "out" / "stage2" / "hf").mkdir(parents=True)
+    (tmp_path / "out" / "stage2" / "hf" / "model.safetensors").write_bytes(b"\0" * (4 * grown // 10))
+    import megakor.checkpoint.training as training
+
+    monkeypatch.setattr(training, "latest_tag", lambda root: "global_step20" if "stage2" in str(root) else None)
+    need, what = dj.disk_need(job, load_recipe("extension_4000"), base)
+    assert need == (12 * rows + 4 * grown) + 4 * grown + (4 * grown - 4 * grown // 10) + 4 * grown
+    assert "the grown checkpoint" not in what and "stage 2's DeepSpeed checkpoint 0.0 MB" in what
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "out" / "stage2")
 
     Usage = namedtuple("Usage", "total used free")
     plain_need = dj.disk_need(job, load_recipe("plain"), base)[0]
     monkeypatch.setattr(dj.shutil, "disk_usage", lambda p: Usage(10**12, 0, plain_need))
     dj.check_disk(job, load_recipe("plain"), base)  # exactly enough
     monkeypatch.setattr(dj.shutil, "disk_usage", lambda p: Usage(10**12, 0, plain_need - 1))
-    with pytest.raises(ConfigError, match="free space or pass --out on a disk with room"):
+    with pytest.raises(ConfigError, match="free some space there, or pass --out on a disk with room"):
         dj.check_disk(job, load_recipe("plain"), base)
 
     # The whole job refuses right after the base's conversion: nothing is evaluated or trained.
@@ -313,6 +363,6 @@ def test_default_job_counts_the_disk_it_needs_and_refuses_before_any_work(hf_che
     monkeypatch.setattr(corpora, "prepare_corpora", no_work)
     capsys.readouterr()
     assert main(["--out", str(tmp_path / "out"), "--recipe", "plain"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: --out {tmp_path / 'out'} has {(plain_need - 1) / 1e6:.1f} MB free but this job "
-                          f"writes about {plain_need / 1e6:.1f} MB there") and err.count("\n") == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after whatever the job logged before the check
+    assert last.startswith(f"error: --out {tmp_path / 'out'} has {(plain_need - 1) / 1e6:.1f} MB free but this job "
+                           f"writes about {plain_need / 1e6:.1f} MB there")

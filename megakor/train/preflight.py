@@ -331,22 +331,22 @@ def _check_writable_dir(key: str, path: str) -> Path:
     return existing
 
 
-def export_bytes(cfg: Config, args) -> int:
-    """About how many bytes the model's weights take on disk in the training dtype: a checkpoint's model
-    file, or its HF export."""
+def export_bytes(cfg: Config, args, device_type: str | None = None) -> int:
+    """About how many bytes the model's weights take on disk in the training dtype on `device_type`
+    (default: cuda where there is one): a checkpoint's model file, or its HF export."""
     from megakor.train.engine import train_dtype
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     return args.num_parameters() * (2 if train_dtype(cfg, device_type) == torch.bfloat16 else 4)
 
 
-def checkpoint_bytes(cfg: Config, args) -> int:
+def checkpoint_bytes(cfg: Config, args, device_type: str | None = None) -> int:
     """About how many bytes one checkpoint of this run takes on disk: the fp32 master weights and two
     AdamW moments of every trainable parameter (ZeRO partitions, 12 bytes each) plus the model export
     in the training dtype."""
     trainable = args.num_parameters() if cfg.train.freeze == "none" else args.vocab_size * args.hidden_size * (
         1 if args.tie_word_embeddings else 2)
-    return 12 * trainable + export_bytes(cfg, args)
+    return 12 * trainable + export_bytes(cfg, args, device_type)
 
 
 def _check_outputs(cfg: Config, args, raw_sources: bool) -> None:
