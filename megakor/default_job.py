@@ -197,9 +197,10 @@ def prepare_start(recipe: Recipe, base: Path, ko_train: Path, work: Path) -> tup
 
 def disk_need(job: DefaultJob, recipe: Recipe, base: Path) -> tuple[int, str]:
     """(bytes, what they are) the job writes after the base's conversion, at its peak: the grown
-    checkpoint (extension recipes, unless already built), and per stage one DeepSpeed checkpoint
-    (fp32 master weights and AdamW moments; none when an earlier run under the same --out saved the
-    stage's last step, which the trainer resumes from) and its HF export, then the final export. An
+    checkpoint (extension recipes, unless already built), and per stage its DeepSpeed checkpoints
+    (fp32 master weights and AdamW moments; as many as are on disk at once, `checkpoints_at_peak`; none
+    when an earlier run under the same --out saved the stage's last step, which the trainer resumes
+    from) and its HF export, then the final export. An
     export replaces an earlier run's only after the checkpoint is written, so each counts what it adds
     to the one already there."""
     from megakor.checkpoint.training import latest_tag
@@ -226,10 +227,20 @@ def disk_need(job: DefaultJob, recipe: Recipe, base: Path) -> tuple[int, str]:
         if steps:
             cfg.train.freeze = freeze
             done = latest_tag(out / folder / "checkpoints") == f"global_step{steps}"  # resumed, nothing to save
-            parts.append((f"{name}'s DeepSpeed checkpoint", 0 if done else checkpoint_bytes(cfg, args, device)))
+            kept = checkpoints_at_peak(cfg, steps)
+            label = f"{name}'s DeepSpeed checkpoint" + (f"s ({kept} at once)" if kept > 1 else "")
+            parts.append((label, 0 if done else kept * checkpoint_bytes(cfg, args, device)))
             parts.append((f"{name}'s HF export", added(out / folder / "hf")))
     parts.append(("the final export", added(out / "hf")))
     return sum(b for _, b in parts), ", ".join(f"{what} {_size(b)}" for what, b in parts)
+
+
+def checkpoints_at_peak(cfg, steps: int) -> int:
+    """How many checkpoints of a `steps`-step run are on disk at once at most: one per checkpoint.every
+    steps and one at the end, of which checkpoint.keep stay, plus the one being published."""
+    every = cfg.checkpoint.every
+    saves = (steps // every if every else 0) + (1 if cfg.checkpoint.save_at_end and (not every or steps % every) else 0)
+    return saves if not cfg.checkpoint.keep else min(saves, cfg.checkpoint.keep + 1)
 
 
 def _size(n: int) -> str:

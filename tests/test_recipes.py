@@ -340,6 +340,14 @@ def test_default_job_counts_the_disk_it_needs_and_refuses_before_any_work(hf_che
     assert "the grown checkpoint" not in what and "stage 2's DeepSpeed checkpoint 0.0 MB" in what
     monkeypatch.undo()
     shutil.rmtree(tmp_path / "out" / "stage2")
+    # A run config that saves every 10 steps and keeps 2: 3 checkpoints at once (2 kept + 1 being published).
+    import yaml
+
+    run_config = yaml.safe_load(open(job.config))
+    run_config["checkpoint"].update(every=10, keep=2)
+    (tmp_path / "every10.yaml").write_text(yaml.safe_dump(run_config))
+    need, what = dj.disk_need(DefaultJob(out=job.out, config=str(tmp_path / "every10.yaml")), load_recipe("plain"), base)
+    assert need == 3 * 16 * n + 4 * n + 4 * n and "stage 2's DeepSpeed checkpoints (3 at once)" in what
 
     Usage = namedtuple("Usage", "total used free")
     plain_need = dj.disk_need(job, load_recipe("plain"), base)[0]
