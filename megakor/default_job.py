@@ -200,9 +200,8 @@ def disk_need(job: DefaultJob, recipe: Recipe, base: Path) -> tuple[int, str]:
     checkpoint (extension recipes, unless already built), and per stage its DeepSpeed checkpoints
     (fp32 master weights and AdamW moments; as many as are on disk at once, `checkpoints_at_peak`; none
     when an earlier run under the same --out saved the stage's last step, which the trainer resumes
-    from) and its HF export, then the final export. An
-    export replaces an earlier run's only after the checkpoint is written, so each counts what it adds
-    to the one already there."""
+    from) and its HF export, then the final export. An export replaces an earlier run's only after the
+    checkpoint is written, so each counts what it adds to the one already there."""
     from megakor.checkpoint.training import latest_tag
     from megakor.config import load_config
     from megakor.train.engine import model_args
