@@ -20,6 +20,8 @@ step is reproduced exactly: loss summed over the global batch's labelled tokens,
     python bench/recipe.py --arms plain,default --out runs/bench/recipe
     python bench/recipe.py --arms plain,default --seed 2   # the same arms at another data order (plain@seed2, ...)
     python bench/recipe.py --plot-only                     # redraw the PNGs and the table from results.json
+    python bench/recipe.py --wide --arms configs/recipes/long/plain.yaml,configs/recipes/long/extend_8000.yaml \
+        --out runs/bench/wide --eval-every 50               # 6x the budget, LibreOffice's help trained on too
 
 Each arm's final export is kept at OUT/<arm>/hf (transformers loads it); the figures accumulate in
 OUT/results.json (arms already there are skipped unless --rerun), the curves in bench/results/. A recipe
@@ -27,6 +29,12 @@ run at several seeds (the blend's document order and sampling; arms with the sam
 the same documents) gets a median row in the table: each figure's median over its seeds, and as ratios the
 median over seeds of arm / plain CPT at the same seed. Plain CPT's own Korean moves by 3.6% between seeds
 at this budget, much of it the Korean share a 200-sample run draws (the table's "ko tok" column).
+
+The training sources hold 206,980 characters of Korean after cleaning: an arm with 8,000 new tokens has read
+them all once by about 118,000 training tokens. --wide trains on LibreOffice's help too (all of it but the
+pages is_heldout holds out, which ko2 then scores: the same leading pages as without --wide), about five
+times the Korean, so longer arms compare tokenizers on fresh text rather than fresh against repeated text.
+Its figures go to their own --out and bench/results/wide/; an --out holding arms scored otherwise is refused.
 """
 
 from __future__ import annotations
@@ -53,15 +61,23 @@ BASELINE = "plain"
 DEFAULT_ARM = "distill_replay_ko85"  # the arm whose settings configs/recipes/default.yaml holds
 
 
-def held_out_splits(cache, eval_chars: int) -> dict[str, list[str]]:
+def bench_corpora(cache, wide: bool) -> dict:
+    """The default job's corpora, or with `wide` those of `prepare_wide_corpora` (LibreOffice's help trained
+    on too, less its held-out share, which is then ko2)."""
+    from megakor.corpora import prepare_corpora, prepare_wide_corpora
+
+    return prepare_wide_corpora(cache) if wide else prepare_corpora(cache)
+
+
+def held_out_splits(cache, eval_chars: int, corpora: dict) -> dict[str, list[str]]:
     """The leading documents of each held-out split, up to `eval_chars` characters (the default job's
-    reader, so both score the same text)."""
-    from megakor.corpora import prepare_corpora, prepare_heldout_domain
+    reader, so both score the same text). ko2 is `corpora["ko2.heldout"]` when there is one (the wide
+    corpora), else LibreOffice's whole help."""
+    from megakor.corpora import prepare_heldout_domain
     from megakor.default_job import _read_jsonl
 
-    corpora = prepare_corpora(cache)
     return {"ko": _read_jsonl(corpora["ko.heldout"], eval_chars),
-            "ko2": _read_jsonl(prepare_heldout_domain(cache), eval_chars),
+            "ko2": _read_jsonl(corpora.get("ko2.heldout") or prepare_heldout_domain(cache), eval_chars),
             "en": _read_jsonl(corpora["en.heldout"], eval_chars)}
 
 
@@ -353,12 +369,15 @@ def seed_groups(arms: dict) -> dict[str, dict[str, dict]]:
 def figure_groups(results: dict) -> dict[str, list[str]]:
     """The arms each set of curves draws, by file prefix: "recipe" the recipes on the base tokenizer,
     "recipe_extension" those that extend the vocabulary, with plain CPT and the default beside them
-    for reference. Each recipe once, at the run config's seed."""
+    for reference ("recipe" then left out if those are all it would draw). Each recipe once, at the run
+    config's seed."""
     arms = {n: a for n, a in results["arms"].items() if not seed_suffix(n)}
     extends = {n for n, a in arms.items() if a.get("recipe", {}).get("new_tokens", 0) > 0}
     groups = {"recipe": [n for n in arms if n not in extends]}
     if extends:
         groups["recipe_extension"] = [n for n in arms if n in extends or n in (BASELINE, DEFAULT_ARM)]
+        if set(groups["recipe"]) <= set(groups["recipe_extension"]):  # nothing the extension figure lacks
+            del groups["recipe"]
     return groups
 
 
@@ -375,6 +394,8 @@ def plot(results: dict, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     titles = {"ko": "held-out Korean (training sources)", "ko2": "held-out Korean domain (LibreOffice help)",
               "en": "held-out English (Python help topics)"}
+    if results["settings"].get("wide"):
+        titles["ko2"] = "held-out LibreOffice help (the rest trained on)"
     paths = []
     for prefix, names in figure_groups(results).items():
         for split in SPLITS:
@@ -408,18 +429,35 @@ def context(a, out: Path) -> dict:
     """What every arm shares: the base (converted once under `out`), the corpora, the held-out splits, the
     base's chat answers and factual probes (cached per base) and the chat replay written from them."""
     from megakor.checkpoint.gguf import convert_gguf_to_hf, fetch_smollm2_gguf
-    from megakor.corpora import prepare_corpora
     from megakor.retention import base_reference, write_replay_jsonl
     from megakor.tokenizer import load_tokenizer
 
     base = out / "base"
     if not (base / "config.json").exists():
         convert_gguf_to_hf(fetch_smollm2_gguf(a.cache), base)
-    ctx = {"out": out, "base": base, "config": a.config, "corpora": prepare_corpora(a.cache),
-           "splits": held_out_splits(a.cache, a.eval_chars), "curve_splits": held_out_splits(a.cache, a.curve_chars),
+    corpora = bench_corpora(a.cache, a.wide)
+    ctx = {"out": out, "base": base, "config": a.config, "corpora": corpora,
+           "splits": held_out_splits(a.cache, a.eval_chars, corpora),
+           "curve_splits": held_out_splits(a.cache, a.curve_chars, corpora),
            "eval_seq_len": a.eval_seq_len, "reference": base_reference(base, a.cache)}
     ctx["chat_replay"] = write_replay_jsonl(ctx["reference"], load_tokenizer(base), out / "work" / "chat_replay.jsonl")
     return ctx
+
+
+def settings_clash(results: dict, settings: dict, path: Path) -> str | None:
+    """One sentence if `results` holds arms scored otherwise than `settings` asks (other held-out text, or
+    the wide corpora against the narrow): their figures would not compare, and they are not overwritten.
+    Keys absent from `settings` are compared only if it has them (eval_documents, known after the corpora)."""
+    kept = results.get("settings")
+    if not results.get("arms") or kept is None:
+        return None
+    keys = set(settings) | ({"wide"} if "wide" in kept else set())
+    differ = sorted(k for k in keys if kept.get(k) != settings.get(k))
+    if not differ:
+        return None
+    shown = ", ".join(f"{k} {kept.get(k)!r} there, {settings.get(k)!r} asked" for k in differ)
+    return (f"{path} holds {len(results['arms'])} arms scored with other settings ({shown}); "
+            f"pass another --out for these, or the settings they were scored with")
 
 
 def seeded_config(ctx: dict, seed: int | None) -> str:
@@ -442,7 +480,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default=None, help="comma-separated recipe names under configs/recipes/ or recipe YAML paths, an arm named by its file (default: all)")
     ap.add_argument("--out", default="runs/bench/recipe", help="arms' exports and results.json")
-    ap.add_argument("--results", default=str(REPO / "bench" / "results"), help="where the PNGs and a copy of results.json go")
+    ap.add_argument("--results", default=None,
+                    help="where the PNGs and a copy of results.json go (default bench/results, with --wide bench/results/wide)")
     ap.add_argument("--cache", default=None, help="download cache ($MEGAKOR_CACHE or ~/.cache/megakor)")
     ap.add_argument("--eval-chars", type=int, default=12000, help="characters of each held-out split (the default job's)")
     ap.add_argument("--eval-seq-len", type=int, default=512)
@@ -459,6 +498,10 @@ def main(argv=None) -> int:
                     help="for the arms in results.json (those of --arms, at every seed), what their training read: "
                          "passes over the Korean training text and how often each new vocabulary row was an input; "
                          "no training (the data order is fixed by the recipe and the seed)")
+    ap.add_argument("--wide", action="store_true",
+                    help="train on LibreOffice's Korean help too, all but its held-out share (which ko2 then scores): "
+                         "about five times the Korean text, for budgets at which the training sources alone would "
+                         "be read again (long arms, e.g. configs/recipes/long/); use its own --out")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (on a shared CPU a second OpenMP thread mostly spin-waits; run arms as "
                          "separate processes instead)")
@@ -470,6 +513,12 @@ def main(argv=None) -> int:
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"arms": {}}
     names = a.arms.split(",") if a.arms else sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    asked = {"eval_chars": a.eval_chars, "eval_seq_len": a.eval_seq_len, "curve_chars": a.curve_chars,
+             **({"wide": True} if a.wide else {})}
+    clash = None if a.plot_only else settings_clash(results, asked, results_path)
+    if clash:
+        print(f"error: {clash}", file=sys.stderr)
+        return 2
     if a.reading:
         ctx = context(a, out)
         for name, arm in results["arms"].items():
@@ -483,10 +532,11 @@ def main(argv=None) -> int:
     elif not a.plot_only:
         recipes = {n: load_recipe(n) for n in names}  # every file validated before an hour of training
         ctx = context(a, out)
-        settings = {"eval_chars": a.eval_chars, "eval_seq_len": a.eval_seq_len, "curve_chars": a.curve_chars,
-                    "eval_documents": {k: len(v) for k, v in ctx["splits"].items()}}
-        if results.get("settings", settings) != settings:
-            results = {"arms": {}}  # figures measured on other text do not compare
+        settings = {**asked, "eval_documents": {k: len(v) for k, v in ctx["splits"].items()}}
+        clash = settings_clash(results, settings, results_path)
+        if clash:  # the same options, other documents: the corpora changed since those arms were scored
+            print(f"error: {clash}", file=sys.stderr)
+            return 2
         results["settings"] = settings
         if "base" not in results:
             results["base"] = base_figures(ctx)
@@ -506,7 +556,7 @@ def main(argv=None) -> int:
                 results["arms"] = {**merged["arms"], **results["arms"]}
             results_path.write_text(json.dumps(results, indent=1))
             print(table(results), flush=True)
-    results_dir = Path(a.results)
+    results_dir = Path(a.results or REPO / "bench" / "results" / ("wide" if a.wide else ""))
     results_dir.mkdir(parents=True, exist_ok=True)
     slim = {**results, "arms": {k: {kk: vv for kk, vv in v.items() if kk != "loss"} for k, v in results["arms"].items()}}
     (results_dir / "recipe.json").write_text(json.dumps(slim, indent=1))

@@ -100,3 +100,28 @@ def test_real_sources_give_korean_and_english(real_documents):
     assert sum(map(len, ko_heldout)) > 20_000  # enough held-out Korean for a fertility number
     # The files are a function of the documents: recomputing the split gives the same texts.
     assert [d.text for d in corpora.split_documents(korean)[1]] == ko_heldout
+
+
+def test_wide_corpora_train_on_the_manual_less_the_pages_held_out_as_ko2(tmp_path, monkeypatch):
+    """prepare_wide_corpora: Korean training is the training sources' split plus LibreOffice's pages that
+    is_heldout leaves in; the held-out pages are ko2, and they are the leading pages of the narrow mode's
+    ko2 file (prepare_heldout_domain), so a prefix of either scores the same text."""
+    manual = [corpora.Document(f"libreoffice-help-ko/text-{i}#0", "libreoffice-help-ko", f"도움말 {i}쪽")
+              for i in range(200)]
+    sources = [corpora.Document(f"kolaw/{i}#0", "kolaw", f"법률 {i}조") for i in range(50)]
+    monkeypatch.setattr(corpora, "libreoffice_help_ko_documents", lambda cache=None: list(manual))
+    monkeypatch.setattr(corpora, "korean_documents", lambda cache=None: list(sources))
+    monkeypatch.setattr(corpora, "english_documents", lambda: [corpora.Document("pydoc/x#0", "pydoc-topics", "text")])
+
+    paths = corpora.prepare_wide_corpora(tmp_path)
+    narrow = corpora.prepare_corpora(tmp_path)
+    held = [d for d in manual if corpora.is_heldout(d.id)]
+    assert 5 < len(held) < 40
+    train, narrow_train = corpora.read_texts(paths["ko.train"]), corpora.read_texts(narrow["ko.train"])
+    assert train[:len(narrow_train)] == narrow_train
+    assert sorted(train[len(narrow_train):]) == sorted(d.text for d in manual if d not in held)
+    ko2 = corpora.read_texts(paths["ko2.heldout"])
+    assert sorted(ko2) == sorted(d.text for d in held)
+    assert corpora.read_texts(corpora.prepare_heldout_domain(tmp_path))[:len(ko2)] == ko2
+    assert {k: paths[k] for k in ("ko.heldout", "en.train", "en.heldout")} == {
+        k: narrow[k] for k in ("ko.heldout", "en.train", "en.heldout")}

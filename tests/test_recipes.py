@@ -20,6 +20,14 @@ def test_every_recipe_loads(path):
     assert sum(s["weight"] for s in sources) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("path", sorted((RECIPES / "long").glob("*.yaml")), ids=lambda p: p.stem)
+def test_long_recipes_are_their_namesakes_at_six_times_the_budget(path):
+    """configs/recipes/long/<arm>.yaml is configs/recipes/<arm>.yaml with only its steps (and words) changed."""
+    long, short = load_recipe(path), load_recipe(path.stem)
+    assert long.steps == 6 * short.steps == 300
+    assert {**long.__dict__, "stage2_steps": 0, "description": ""} == {**short.__dict__, "stage2_steps": 0, "description": ""}
+
+
 def test_plain_is_the_base_tokenizer_in_one_stage_and_default_is_a_recipe():
     plain, default, same = load_recipe("plain"), load_recipe("default"), load_recipe("plain_ko85")
     for p in (plain, same):
@@ -265,6 +273,8 @@ def test_bench_draws_the_extension_arms_apart(tmp_path, monkeypatch):
     drawn.clear()  # only the thirty-arm figures from here on
     bench.plot(many, tmp_path / "many")
     assert len({(c, ls) for _, c, ls in drawn["recipe_ko_bpc.png"]}) == 30  # thirty arms, thirty styles
+    del results["arms"]["other"]  # the references only: the extension's figure draws them all
+    assert bench.figure_groups(results) == {"recipe_extension": ["plain", bench.DEFAULT_ARM, "ext"]}
     del results["arms"]["ext"], results["arms"]["ext@seed2"]
     assert list(bench.figure_groups(results)) == ["recipe"]
 
@@ -374,3 +384,32 @@ def test_default_job_counts_the_disk_it_needs_and_refuses_before_any_work(hf_che
     last = capsys.readouterr().err.splitlines()[-1]  # after whatever the job logged before the check
     assert last.startswith(f"error: --out {tmp_path / 'out'} has {(plain_need - 1) / 1e6:.1f} MB free but this job "
                            f"writes about {plain_need / 1e6:.1f} MB there")
+
+
+def test_bench_refuses_to_mix_figures_scored_otherwise_and_keeps_them(tmp_path, monkeypatch, capsys):
+    """An --out whose results.json holds arms scored on other text (--wide against not, other
+    --eval-chars) is refused in one sentence before any work, and its arms are kept; the same settings
+    go on (here into --reading's recount)."""
+    import shutil
+
+    bench = load_bench()
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(RECIPES.parents[1] / "bench" / "results" / "recipe.json", out / "results.json")
+    before = (out / "results.json").read_text()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("refused too late: the corpora were prepared")
+
+    monkeypatch.setattr(bench, "context", no_work)
+    for flags in (["--wide"], ["--eval-chars", "5000"], ["--wide", "--reading"]):
+        assert bench.main(["--arms", "plain", "--out", str(out), "--results", str(tmp_path / "res"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "pass another --out" in err, err
+        assert (out / "results.json").read_text() == before
+    assert "wide None there, True asked" in bench.settings_clash(json.loads(before), {"wide": True}, out)
+    settings = json.loads(before)["settings"]
+    assert bench.settings_clash(json.loads(before), settings, out) is None
+    assert bench.settings_clash({"arms": {}, "settings": settings}, {"wide": True}, out) is None  # nothing to lose
+    assert "eval_documents" in bench.settings_clash(
+        json.loads(before), {**settings, "eval_documents": {"ko": 1, "ko2": 1, "en": 1}}, out)
