@@ -395,7 +395,7 @@ def plot(results: dict, folder: Path) -> list[Path]:
     titles = {"ko": "held-out Korean (training sources)", "ko2": "held-out Korean domain (LibreOffice help)",
               "en": "held-out English (Python help topics)"}
     if results["settings"].get("wide"):
-        titles["ko2"] = "held-out LibreOffice help (the rest trained on)"
+        titles["ko2"] = "LibreOffice help, held-out pages"
     paths = []
     for prefix, names in figure_groups(results).items():
         for split in SPLITS:
