@@ -445,19 +445,21 @@ def context(a, out: Path) -> dict:
 
 
 def settings_clash(results: dict, settings: dict, path: Path) -> str | None:
-    """One sentence if `results` holds arms scored otherwise than `settings` asks (other held-out text, or
-    the wide corpora against the narrow): their figures would not compare, and they are not overwritten.
-    Keys absent from `settings` are compared only if it has them (eval_documents, known after the corpora)."""
+    """One sentence if `results` was written with other settings than `settings` asks (other held-out text,
+    or the wide corpora against the narrow): its arms' figures would not compare, and they are not
+    overwritten; an --out without arms is refused too, as its work/ may hold a tokenizer learned from the
+    other corpora. Keys absent from `settings` are compared only if it has them (eval_documents, known
+    after the corpora)."""
     kept = results.get("settings")
-    if not results.get("arms") or kept is None:
+    if kept is None:
         return None
     keys = set(settings) | ({"wide"} if "wide" in kept else set())
     differ = sorted(k for k in keys if kept.get(k) != settings.get(k))
     if not differ:
         return None
     shown = ", ".join(f"{k} {kept.get(k)!r} there, {settings.get(k)!r} asked" for k in differ)
-    return (f"{path} holds {len(results['arms'])} arms scored with other settings ({shown}); "
-            f"pass another --out for these, or the settings they were scored with")
+    return (f"{path} was written with other settings ({shown}; {len(results.get('arms', {}))} arms scored); "
+            f"pass another --out for these, or the settings it was written with")
 
 
 def seeded_config(ctx: dict, seed: int | None) -> str:
@@ -556,7 +558,8 @@ def main(argv=None) -> int:
                 results["arms"] = {**merged["arms"], **results["arms"]}
             results_path.write_text(json.dumps(results, indent=1))
             print(table(results), flush=True)
-    results_dir = Path(a.results or REPO / "bench" / "results" / ("wide" if a.wide else ""))
+    wide = results.get("settings", {}).get("wide", a.wide)  # --plot-only draws what results.json holds
+    results_dir = Path(a.results or REPO / "bench" / "results" / ("wide" if wide else ""))
     results_dir.mkdir(parents=True, exist_ok=True)
     slim = {**results, "arms": {k: {kk: vv for kk, vv in v.items() if kk != "loss"} for k, v in results["arms"].items()}}
     (results_dir / "recipe.json").write_text(json.dumps(slim, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -125,3 +126,10 @@ def test_wide_corpora_train_on_the_manual_less_the_pages_held_out_as_ko2(tmp_pat
     assert corpora.read_texts(corpora.prepare_heldout_domain(tmp_path))[:len(ko2)] == ko2
     assert {k: paths[k] for k in ("ko.heldout", "en.train", "en.heldout")} == {
         k: narrow[k] for k in ("ko.heldout", "en.train", "en.heldout")}
+
+    # The narrow files rebuilt (e.g. after deleting them): the wide ones follow rather than go stale.
+    corpora.write_jsonl(sources[:10], narrow["ko.train"])
+    built = paths["ko.train"].stat().st_mtime
+    os.utime(narrow["ko.train"], (built + 10, built + 10))
+    again = corpora.read_texts(corpora.prepare_wide_corpora(tmp_path)["ko.train"])
+    assert again[:10] == [d.text for d in sources[:10]] and len(again) == 10 + len(manual) - len(held)

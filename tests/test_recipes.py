@@ -387,9 +387,9 @@ def test_default_job_counts_the_disk_it_needs_and_refuses_before_any_work(hf_che
 
 
 def test_bench_refuses_to_mix_figures_scored_otherwise_and_keeps_them(tmp_path, monkeypatch, capsys):
-    """An --out whose results.json holds arms scored on other text (--wide against not, other
+    """An --out whose results.json was written with other settings (--wide against not, other
     --eval-chars) is refused in one sentence before any work, and its arms are kept; the same settings
-    go on (here into --reading's recount)."""
+    go on; --plot-only draws what results.json holds into the folder of its own mode."""
     import shutil
 
     bench = load_bench()
@@ -398,8 +398,11 @@ def test_bench_refuses_to_mix_figures_scored_otherwise_and_keeps_them(tmp_path, 
     shutil.copy(RECIPES.parents[1] / "bench" / "results" / "recipe.json", out / "results.json")
     before = (out / "results.json").read_text()
 
+    class Reached(Exception):
+        pass
+
     def no_work(*args, **kwargs):
-        raise AssertionError("refused too late: the corpora were prepared")
+        raise Reached("the corpora are being prepared")
 
     monkeypatch.setattr(bench, "context", no_work)
     for flags in (["--wide"], ["--eval-chars", "5000"], ["--wide", "--reading"]):
@@ -407,9 +410,22 @@ def test_bench_refuses_to_mix_figures_scored_otherwise_and_keeps_them(tmp_path, 
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "pass another --out" in err, err
         assert (out / "results.json").read_text() == before
+    for flags in ([], ["--reading"]):
+        with pytest.raises(Reached):
+            bench.main(["--arms", "plain", "--out", str(out), "--results", str(tmp_path / "res"), *flags])
+
+    wide = json.loads(before)
+    wide["settings"]["wide"] = True
+    (out / "results.json").write_text(json.dumps(wide))
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    monkeypatch.setattr(bench, "plot", lambda results, folder: [])
+    assert bench.main(["--plot-only", "--out", str(out)]) == 0  # no --wide: the results say where
+    assert json.loads((tmp_path / "bench" / "results" / "wide" / "recipe.json").read_text())["settings"]["wide"]
+    assert not (tmp_path / "bench" / "results" / "recipe.json").exists()
     assert "wide None there, True asked" in bench.settings_clash(json.loads(before), {"wide": True}, out)
     settings = json.loads(before)["settings"]
     assert bench.settings_clash(json.loads(before), settings, out) is None
-    assert bench.settings_clash({"arms": {}, "settings": settings}, {"wide": True}, out) is None  # nothing to lose
+    assert "0 arms" in bench.settings_clash({"arms": {}, "settings": settings}, {"wide": True}, out)  # work/ may be stale
+    assert bench.settings_clash({"arms": {}}, {"wide": True}, out) is None  # a new --out
     assert "eval_documents" in bench.settings_clash(
         json.loads(before), {**settings, "eval_documents": {"ko": 1, "ko2": 1, "en": 1}}, out)
