@@ -34,7 +34,7 @@ The training sources hold 206,980 characters of Korean after cleaning: an arm wi
 them all once by about 118,000 training tokens. --wide trains on LibreOffice's help too (all of it but the
 pages is_heldout holds out, which ko2 then scores: the same leading pages as without --wide), about five
 times the Korean, so longer arms compare tokenizers on fresh text rather than fresh against repeated text.
-Its figures go to their own --out and bench/results/wide/; an --out holding arms scored otherwise is refused.
+Its figures go to their own --out and bench/results/wide/; an --out written with other settings is refused.
 """
 
 from __future__ import annotations
