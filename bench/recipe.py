@@ -558,7 +558,7 @@ def main(argv=None) -> int:
                 results["arms"] = {**merged["arms"], **results["arms"]}
             results_path.write_text(json.dumps(results, indent=1))
             print(table(results), flush=True)
-    wide = results.get("settings", {}).get("wide", a.wide)  # --plot-only draws what results.json holds
+    wide = results["settings"].get("wide", False) if "settings" in results else a.wide  # what results.json holds
     results_dir = Path(a.results or REPO / "bench" / "results" / ("wide" if wide else ""))
     results_dir.mkdir(parents=True, exist_ok=True)
     slim = {**results, "arms": {k: {kk: vv for kk, vv in v.items() if kk != "loss"} for k, v in results["arms"].items()}}

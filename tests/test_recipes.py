@@ -422,6 +422,9 @@ def test_bench_refuses_to_mix_figures_scored_otherwise_and_keeps_them(tmp_path, 
     assert bench.main(["--plot-only", "--out", str(out)]) == 0  # no --wide: the results say where
     assert json.loads((tmp_path / "bench" / "results" / "wide" / "recipe.json").read_text())["settings"]["wide"]
     assert not (tmp_path / "bench" / "results" / "recipe.json").exists()
+    (out / "results.json").write_text(before)
+    assert bench.main(["--plot-only", "--wide", "--out", str(out)]) == 0  # --wide, but narrow results
+    assert "wide" not in json.loads((tmp_path / "bench" / "results" / "recipe.json").read_text())["settings"]
     assert "wide None there, True asked" in bench.settings_clash(json.loads(before), {"wide": True}, out)
     settings = json.loads(before)["settings"]
     assert bench.settings_clash(json.loads(before), settings, out) is None
